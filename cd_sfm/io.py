@@ -83,6 +83,13 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> None:
     atomic_write_text(path, text)
 
 
+def _default_mode() -> int:
+    """Permissions of a new file under the current umask (mkstemp's temporaries are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +99,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -270,6 +278,7 @@ def merge_parts(path: str | Path) -> int:
                             out.require_group(parent)
                         src.copy(src[name], out, name=name)
                         n += 1
+        os.chmod(tmp, _default_mode() if mode == "w" else os.stat(path).st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

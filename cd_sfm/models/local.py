@@ -18,10 +18,12 @@ class PatchStandardize(layers.Layer):
     """(p - mean) / sqrt(var + eps) over the pixels of each patch."""
 
     def __init__(self, eps: float = 1e-5, **kw):
+        kw.setdefault("dtype", "float32")  # statistics in float32 also under a mixed (bf16) policy
         super().__init__(**kw)
         self.eps = eps
 
     def call(self, x):
+        x = tf.cast(x, tf.float32)
         mean, var = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
         return (x - mean) / tf.sqrt(var + self.eps)
 

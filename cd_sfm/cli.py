@@ -1,0 +1,342 @@
+"""``cd-sfm``: the command line.
+
+    cd-sfm reconstruct IMAGES OUT [--config NAME] [--features sift|rootsift|contextdesc] [--pairs exhaustive|...]
+    cd-sfm extract IMAGES OUT      features.h5
+    cd-sfm pairs IMAGES OUT        pairs.txt
+    cd-sfm match OUT               matches.h5
+    cd-sfm sfm IMAGES OUT          database.db, sparse/0, points.ply, summary.json
+    cd-sfm demo OUT                render the bundled synthetic scene and reconstruct it
+
+Settings: built-in defaults < ``--config`` preset (``configs/NAME.yaml`` or a YAML path) < flags. The stage
+subcommands start from the ``config.yaml`` already in OUT (so a stage rerun keeps the settings of the run), then apply
+``--config`` and flags. Errors in the input give one line on stderr and exit status 2.
+
+Hook points: other parts of the package add subcommands (``models``, ``train``, ``eval``, ``match-pair``) by providing
+the modules listed in :data:`EXTRA_COMMANDS`; each must define ``add_parser(subparsers)`` that registers its
+sub-parser with ``set_defaults(func=callable(args) -> int | None)``, and must not import TensorFlow at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from . import config as config_mod
+from .io import CdSfmError
+
+logger = logging.getLogger("cd_sfm")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HOOK POINT: subcommands provided by other modules. (command, module); the module defines add_parser(subparsers).
+EXTRA_COMMANDS: list[tuple[str, str]] = [
+    ("models", "cd_sfm.models.cli"),  # list / download / import / convert model weights
+    ("train", "cd_sfm.train.cli"),  # mine patches and train the local / augmentation models
+    ("eval", "cd_sfm.evaluation.cli"),  # HPatches MMA, relative pose AUC, SfM statistics
+    ("match-pair", "cd_sfm.match_pair"),  # match two images and draw the matches
+]
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _features_choices() -> list[str]:
+    try:
+        from .features.extract import confs
+
+        return sorted(confs)
+    except Exception:  # pragma: no cover - the extraction module is part of the package
+        return ["sift", "rootsift", "contextdesc"]
+
+
+def setup_logging(verbose: int, quiet: int) -> int:
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    level = max(logging.DEBUG, min(logging.ERROR, level))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("cd_sfm")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    try:
+        from .colmap import quiet_colmap
+
+        quiet_colmap(level)
+    except Exception:  # pycolmap missing: reported where it is needed
+        pass
+    return level
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# argument groups
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="preset name (configs/NAME.yaml: default, fast, accurate, large) or a YAML file")
+    p.add_argument("--overwrite", action="store_true", help="recompute features / matches already in OUT")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: COLMAP's too)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="less log output, no progress bars")
+
+
+def _add_features(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("features")
+    g.add_argument("--features", help=f"feature preset: {', '.join(_features_choices())}")
+    g.add_argument("--max-image-size", type=int, help="longest image side the features see (0: full size)")
+    g.add_argument("--max-keypoints", type=int, help="keypoints per image at most")
+
+
+def _add_pairs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pairs")
+    g.add_argument("--pairs", help="exhaustive, sequential, retrieval, or a file of 'name0 name1' lines")
+    g.add_argument("--overlap", type=int, help="sequential pairs: each image with the next N")
+    g.add_argument("--num-neighbors", type=int, help="retrieval pairs: each image with its N most similar")
+
+
+def _add_matching(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("matching")
+    g.add_argument("--matching", help="matching preset (NN-ratio, NN-colmap, NN-ratio-0.9, NN-mutual)")
+    g.add_argument("--ratio", type=float, help="Lowe's ratio test threshold")
+
+
+def _add_sfm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("COLMAP")
+    g.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"],
+                   help="which images share intrinsics (default auto: same size and EXIF camera)")
+    g.add_argument("--camera-model", help="COLMAP camera model (default SIMPLE_RADIAL)")
+    g.add_argument("--prior-focal-length", action="store_true", default=None,
+                   help="treat the focal guess as reliable even without EXIF")
+    g.add_argument("--mapper", choices=["incremental", "global"], help="pycolmap mapping pipeline")
+    g.add_argument("--seed", type=int, help="random seed of the mapper (-1: random)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Config overrides from the flags that were given."""
+    keys = ["features", "max_image_size", "pairs", "overlap", "num_neighbors", "matching", "camera_mode",
+            "camera_model", "prior_focal_length", "mapper", "seed"]
+    over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "max_keypoints", None) is not None:
+        over["features_options"] = {"max_keypoints": args.max_keypoints}
+    if getattr(args, "ratio", None) is not None:
+        over["matching_options"] = {"ratio": args.ratio}
+    return over
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if k in ("features_options", "matching_options") and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(args: argparse.Namespace, out_dir: Path | None = None, from_saved: bool = False) -> dict:
+    """Defaults < (saved OUT/config.yaml, for stage commands without --config) < --config < flags."""
+    base = None
+    if from_saved and out_dir is not None and args.config is None:
+        saved = config_mod.read_saved(out_dir / "config.yaml")
+        if saved:
+            config_mod.check_keys(saved, str(out_dir / "config.yaml"))
+            base = config_mod.resolve(saved)
+            base["_preset"] = str(out_dir / "config.yaml")
+    if base is None:
+        base = config_mod.load_config(args.config or "default")
+    return config_mod.resolve(_merge(base, _overrides(args)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_reconstruct(args) -> int:
+    from .pipeline import format_summary, reconstruct
+
+    conf = build_config(args)
+    summary = reconstruct(args.images, args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+    print(format_summary(summary))
+    return 0
+
+
+def _stage_prepare(args, out_dir: Path) -> dict:
+    from .pipeline import check_not_stale, check_writable
+
+    check_writable(out_dir)
+    conf = build_config(args, out_dir, from_saved=True)
+    check_not_stale(out_dir, conf, args.overwrite)
+    config_mod.save_config(conf, out_dir / "config.yaml")
+    return conf
+
+
+def cmd_extract(args) -> int:
+    from .pipeline import run_extract
+
+    conf = _stage_prepare(args, Path(args.out))
+    st = run_extract(args.images, args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+    print(f"Features of {len(st['used'])} / {len(st['found'])} images in {Path(args.out) / 'features.h5'} "
+          f"({st['extracted']} extracted, {st['reused']} reused, {len(st['skipped'])} skipped)")
+    for name, reason in list(st["skipped"].items())[:10]:
+        print(f"Skipped {name}: {reason}")
+    return 0
+
+
+def _usable_names(image_dir: Path, out_dir: Path) -> list[str]:
+    from .images import list_images
+    from .pipeline import FEATURES, keypoint_counts
+
+    if (out_dir / FEATURES).exists():
+        counts = keypoint_counts(out_dir / FEATURES)
+        return [n for n in list_images(image_dir) if counts.get(n, 0) > 0]
+    return list_images(image_dir)
+
+
+def cmd_pairs(args) -> int:
+    from .pipeline import check_image_dir, run_pairs
+
+    out_dir = Path(args.out)
+    conf = _stage_prepare(args, out_dir)
+    names = _usable_names(check_image_dir(args.images), out_dir)
+    pairs = run_pairs(names, out_dir, conf)
+    print(f"{len(pairs)} pairs of {len(names)} images in {out_dir / 'pairs.txt'}")
+    return 0
+
+
+def cmd_match(args) -> int:
+    from .pipeline import run_match
+
+    conf = _stage_prepare(args, Path(args.out))
+    st = run_match(args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+    print(f"Matches in {Path(args.out) / 'matches.h5'}: {st['matched']} pairs matched "
+          f"({st['num_matches_mean']:.0f} matches on average), {st['reused']} reused, {len(st['skipped'])} skipped")
+    return 0
+
+
+def cmd_sfm(args) -> int:
+    from .pipeline import check_image_dir, run_sfm
+
+    out_dir = Path(args.out)
+    conf = _stage_prepare(args, out_dir)
+    names = _usable_names(check_image_dir(args.images), out_dir)
+    st = run_sfm(args.images, out_dir, conf, names=names)
+    ms = st["mapping"]
+    err = ms["mean_reprojection_error"]
+    print(f"Registered {ms['num_registered']} / {len(names)} images -> {out_dir / 'sparse' / '0'}; "
+          f"{ms['num_points3D']} 3D points, mean track length {ms['mean_track_length']:.2f}, "
+          f"mean reprojection error " + (f"{err:.3f} px" if err is not None else "n/a"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .io import atomic_write_text
+    from .pipeline import check_writable, format_summary, reconstruct
+    from .synthetic import compare_to_ground_truth, render_scene
+
+    out_dir = check_writable(args.out)
+    scene = render_scene(out_dir / "scene", num_images=args.num_images, seed=args.scene_seed)
+    over = _overrides(args)
+    over.setdefault("camera_mode", "single")  # one camera rendered every image
+    conf = config_mod.resolve(_merge(config_mod.load_config(args.config or "default"), over))
+    summary = reconstruct(scene.image_dir, out_dir, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+    cmp = {"aligned": False}
+    if summary["num_images_registered"] >= 3:
+        cmp = compare_to_ground_truth(out_dir / "sparse" / "0", scene.gt_dir)
+    summary["ground_truth"] = cmp
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    if cmp.get("aligned"):
+        print(f"Against ground truth ({cmp['num_compared']} cameras): max rotation error "
+              f"{cmp['max_rotation_error_deg']:.3f} deg, max position error "
+              f"{100 * cmp['max_position_error'] / cmp['scene_radius']:.3f} % of the camera distance")
+    else:
+        print("Against ground truth: could not align the reconstruction")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cd-sfm", description="ContextDesc features as a front end for COLMAP: photos -> sparse reconstruction.")
+    parser.add_argument("--version", action="version", version=f"cd-sfm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("reconstruct", help="all stages: images -> OUT/sparse/0 (resumable)")
+    p.add_argument("images", help="folder of images (nested folders allowed)")
+    p.add_argument("out", help="output folder")
+    for add in (_add_features, _add_pairs, _add_matching, _add_sfm, _add_common):
+        add(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("extract", help="stage 1: local features -> OUT/features.h5")
+    p.add_argument("images")
+    p.add_argument("out")
+    _add_features(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("pairs", help="stage 2: image pairs -> OUT/pairs.txt")
+    p.add_argument("images")
+    p.add_argument("out")
+    _add_pairs(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("match", help="stage 3: descriptor matches of OUT/pairs.txt -> OUT/matches.h5")
+    p.add_argument("out")
+    _add_matching(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("sfm", help="stage 4: COLMAP database, verification, mapping -> OUT/sparse/0")
+    p.add_argument("images")
+    p.add_argument("out")
+    _add_sfm(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_sfm)
+
+    p = sub.add_parser("demo", help="render the bundled synthetic scene into OUT/scene and reconstruct it")
+    p.add_argument("out")
+    p.add_argument("--num-images", type=int, default=10, help="rendered views (default 10)")
+    p.add_argument("--scene-seed", type=int, default=0, help="seed of the rendered scene")
+    for add in (_add_features, _add_pairs, _add_matching, _add_sfm, _add_common):
+        add(p)
+    p.set_defaults(func=cmd_demo)
+
+    # HOOK POINT: subcommands of other modules (see EXTRA_COMMANDS)
+    for name, module in EXTRA_COMMANDS:
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except Exception as e:  # a broken optional command must not break the others
+            logging.getLogger(__name__).debug("subcommand %s unavailable: %s", name, e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", 0))
+    try:
+        return int(args.func(args) or 0)
+    except CdSfmError as e:
+        print(f"cd-sfm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cd-sfm: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

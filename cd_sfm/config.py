@@ -1,0 +1,156 @@
+"""The pipeline configuration: one flat dict, YAML presets in ``configs/``, command-line overrides.
+
+Precedence (lowest first): :data:`DEFAULTS` < the preset (``--config NAME`` for ``configs/NAME.yaml``, or a path to a
+YAML file) < command-line flags. A preset holds only the keys it changes; unknown keys are an error (a typo must not
+be silently ignored). The effective configuration of a run is written to ``<out>/config.yaml``.
+
+Keys:
+
+* ``features``: a preset of :data:`cd_sfm.features.extract.confs` (``sift``, ``rootsift``, ``contextdesc``, ...);
+  ``max_image_size``: longest image side the features see (None: the preset's); ``features_options``: overrides of
+  the backend's options (e.g. ``{max_keypoints: 4096}``).
+* ``pairs``: ``exhaustive``, ``sequential`` (each image with the next ``overlap``), ``retrieval`` (each image with its
+  ``num_neighbors`` most similar by a VLAD of its local features) or the path of a pair file (``name0 name1`` lines).
+* ``matching``: a preset of :data:`cd_sfm.matching.confs`; ``matching_options``: overrides (e.g. ``{ratio: 0.9}``).
+* ``camera_mode`` (auto | single | per-folder | per-image), ``camera_model`` (a COLMAP model name),
+  ``prior_focal_length`` (trust the default focal guess as a prior), ``default_focal_factor``, ``descriptor_uint8``
+  (see :mod:`cd_sfm.colmap.database`).
+* ``verification``: :mod:`cd_sfm.colmap.verify` options (``min_num_inliers``, ``ransac: {max_error: ...}``).
+* ``mapper`` (incremental | global), ``mapping_options`` (attributes of pycolmap's ``IncrementalPipelineOptions`` /
+  ``GlobalPipelineOptions``, nested dicts for nested options), ``seed`` (-1: random).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io import CdSfmError, atomic_write_text
+
+DEFAULTS: dict[str, Any] = {
+    "features": "sift",
+    "max_image_size": None,
+    "features_options": {},
+    "pairs": "exhaustive",
+    "overlap": 10,
+    "num_neighbors": 20,
+    "matching": "NN-ratio",
+    "matching_options": {},
+    "camera_mode": "auto",
+    "camera_model": "SIMPLE_RADIAL",
+    "prior_focal_length": False,
+    "default_focal_factor": 1.2,
+    "descriptor_uint8": "auto",
+    "verification": {"min_num_inliers": 15, "ransac": {"max_error": 4.0}},
+    "mapper": "incremental",
+    "mapping_options": {},
+    "seed": 0,
+}
+
+# keys whose change makes existing feature / match files of an output folder stale
+FEATURE_KEYS = ("features", "max_image_size", "features_options")
+MATCHING_KEYS = FEATURE_KEYS + ("matching", "matching_options")
+
+
+def config_dirs() -> list[Path]:
+    """Folders searched for ``NAME.yaml``: ``configs/`` of the source tree, then the copy inside the package."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here.parent / "configs", here / "configs") if d.is_dir()]
+
+
+def available_presets() -> list[str]:
+    names = {p.stem for d in config_dirs() for p in d.glob("*.yaml")}
+    return sorted(names | {"default"})
+
+
+def preset_path(name: str) -> Path | None:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise CdSfmError(f"{p}: config file not found")
+        return p
+    for d in config_dirs():
+        cand = d / f"{name}.yaml"
+        if cand.is_file():
+            return cand
+    if name == "default":
+        return None  # the defaults themselves
+    raise CdSfmError(f"{name}: unknown config preset; available: {', '.join(available_presets())}, or a YAML path")
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CdSfmError(f"{path}: cannot read config ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise CdSfmError(f"{path}: a config must be a mapping of keys to values")
+    return data
+
+
+def check_keys(conf: dict, source: str) -> None:
+    unknown = sorted(set(conf) - set(DEFAULTS))
+    if unknown:
+        raise CdSfmError(f"{source}: unknown config key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+
+
+def load_config(preset: str | None = "default", overrides: dict | None = None) -> dict:
+    """DEFAULTS, updated by the preset (name or YAML path), then by the non-None ``overrides``."""
+    conf = copy.deepcopy(DEFAULTS)
+    source = preset or "default"
+    path = preset_path(source)
+    if path is not None:
+        data = load_yaml(path)
+        check_keys(data, str(path))
+        conf.update(copy.deepcopy(data))
+    if overrides:
+        over = {k: v for k, v in overrides.items() if v is not None}
+        check_keys(over, "overrides")
+        conf.update(copy.deepcopy(over))
+    conf["_preset"] = str(path) if path is not None else "default"
+    return conf
+
+
+def resolve(conf: dict | str | None) -> dict:
+    """A preset name / YAML path, a (partial) dict, or None -> a complete config dict."""
+    if conf is None or isinstance(conf, (str, Path)):
+        return load_config(str(conf) if conf is not None else "default")
+    conf = dict(conf)
+    preset = conf.pop("_preset", None)
+    out = copy.deepcopy(DEFAULTS)
+    check_keys(conf, "config")
+    out.update(copy.deepcopy(conf))
+    out["_preset"] = preset or "dict"
+    return out
+
+
+def public(conf: dict) -> dict:
+    """The config without bookkeeping keys (what is saved and compared)."""
+    return {k: v for k, v in conf.items() if not k.startswith("_")}
+
+
+def save_config(conf: dict, path: str | Path) -> None:
+    text = f"# effective configuration (preset: {conf.get('_preset', 'default')})\n"
+    text += yaml.safe_dump(public(conf), sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def read_saved(path: str | Path) -> dict | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stale_keys(old: dict | None, new: dict, keys: tuple[str, ...]) -> list[str]:
+    """Keys among ``keys`` whose values differ between a saved config and the new one."""
+    if old is None:
+        return []
+    return [k for k in keys if old.get(k, DEFAULTS.get(k)) != new.get(k, DEFAULTS.get(k))]

@@ -1,0 +1,238 @@
+"""Run a feature backend over a collection of images into an hloc-style ``features.h5`` (resumable, crash-safe).
+
+Usage from Python, as hloc's ``extract_features.main``::
+
+    from cd_sfm.features import extract
+    stats = extract.main(extract.confs["rootsift"], "images/", "out/features.h5")
+
+Images already in the feature file (or in the part files of a killed run) are skipped; entries are written through
+:class:`~cd_sfm.io.H5Appender`, so a run killed at any moment leaves no half-written entry. Keypoints are reported in
+the pixel frame of the original image (after EXIF orientation) even when ``max_image_size`` downscaled it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ..images import list_images, read_image, resize_max
+from ..io import CdSfmError, H5Appender, completed_names, features_to_h5, merge_parts
+from . import get_backend
+
+logger = logging.getLogger(__name__)
+
+# Named presets. Each: ``backend`` (registry name), ``options`` (the backend's Conf fields), ``max_image_size``
+# (longest side in pixels the backend sees; None = full resolution), ``descriptor_dtype`` of the stored descriptors,
+# and ``output``, a file stem for callers that name files after the preset.
+confs: dict[str, dict] = {
+    "sift": {
+        "output": "feats-sift-n8192-r1600",
+        "backend": "sift",
+        "options": {"max_keypoints": 8192, "contrast_threshold": 0.02},
+        "max_image_size": 1600,
+        "descriptor_dtype": "float16",
+    },
+    "rootsift": {
+        "output": "feats-rootsift-n8192-r1600",
+        "backend": "rootsift",
+        "options": {"max_keypoints": 8192, "contrast_threshold": 0.02},
+        "max_image_size": 1600,
+        "descriptor_dtype": "float16",
+    },
+    # COLMAP's own defaults (max_image_size 3200): the slow, thorough baseline
+    "rootsift-max": {
+        "output": "feats-rootsift-n8192-r3200",
+        "backend": "rootsift",
+        "options": {"max_keypoints": 8192, "contrast_threshold": 0.02},
+        "max_image_size": 3200,
+        "descriptor_dtype": "float16",
+    },
+    "rootsift-fast": {
+        "output": "feats-rootsift-n4096-r1024",
+        "backend": "rootsift",
+        "options": {"max_keypoints": 4096, "contrast_threshold": 0.02},
+        "max_image_size": 1024,
+        "descriptor_dtype": "float16",
+    },
+    # the learned descriptor; its options are ContextDescBackend.Conf fields (the backend's defaults when empty)
+    "contextdesc": {
+        "output": "feats-contextdesc-r1600",
+        "backend": "contextdesc",
+        "options": {},
+        "max_image_size": 1600,
+        "descriptor_dtype": "float16",
+    },
+    "contextdesc-fast": {
+        "output": "feats-contextdesc-r1024",
+        "backend": "contextdesc",
+        "options": {},
+        "max_image_size": 1024,
+        "descriptor_dtype": "float16",
+    },
+}
+
+DEFAULT_CONF = {"backend": "sift", "options": {}, "max_image_size": None, "descriptor_dtype": "float16"}
+
+
+def resolve_conf(conf: dict | str | None) -> dict:
+    """A preset name or a (partial) conf dict -> a complete conf dict (a copy)."""
+    if conf is None:
+        conf = "sift"
+    if isinstance(conf, str):
+        if conf not in confs:
+            raise CdSfmError(f"unknown feature preset {conf!r}; available: {', '.join(sorted(confs))}")
+        conf = confs[conf]
+    elif is_dataclass(conf):
+        conf = asdict(conf)
+    return {**copy.deepcopy(DEFAULT_CONF), **copy.deepcopy(dict(conf))}
+
+
+def make_backend(conf: dict):
+    """Instantiate the backend a conf names with its options."""
+    Backend = get_backend(conf["backend"])
+    options = dict(conf.get("options") or {})
+    Conf = getattr(Backend, "Conf", None)
+    if Conf is not None:
+        try:
+            return Backend(Conf(**options))
+        except TypeError as e:
+            raise CdSfmError(f"feature backend {conf['backend']!r}: bad options {options} ({e})") from e
+    return Backend(**options)
+
+
+def rescale_features(feats: dict, original_size: tuple[int, int], size: tuple[int, int]) -> dict:
+    """Map keypoints (and scales) from an image of ``size`` (w, h) to the original of ``original_size`` (w, h).
+
+    Uses the pixel-centre convention (as hloc): x0 = (x + 0.5) * W0 / w - 0.5."""
+    sx, sy = original_size[0] / size[0], original_size[1] / size[1]
+    out = dict(feats)
+    if (sx, sy) != (1.0, 1.0):
+        kp = np.asarray(feats["keypoints"], np.float32).reshape(-1, 2)
+        out["keypoints"] = ((kp + 0.5) * np.array([sx, sy], np.float32) - 0.5).astype(np.float32)
+        if "scales" in feats:
+            out["scales"] = (np.asarray(feats["scales"], np.float32) * np.float32((sx + sy) / 2)).astype(np.float32)
+    out["image_size"] = np.array(original_size, np.int32)
+    return out
+
+
+def _prefetch(items: list[str], load, depth: int = 2) -> Iterator[tuple[str, object]]:
+    """Yield (item, load(item) or the exception it raised), loading up to ``depth`` items ahead in a thread."""
+    if not items:
+        return
+
+    def safe(item):
+        try:
+            return load(item)
+        except Exception as e:  # handed to the consumer
+            return e
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = [pool.submit(safe, it) for it in items[:depth]]
+        for i, item in enumerate(items):
+            result = futures[i].result()
+            futures[i] = None  # release the decoded image
+            if i + depth < len(items):
+                futures.append(pool.submit(safe, items[i + depth]))
+            yield item, result
+
+
+def _read_original(path: Path, grayscale: bool, max_size: int | None):
+    """Read an image for the backend; also return the original (EXIF-oriented) size (w, h)."""
+    image, _ = read_image(path, grayscale=grayscale, max_size=None)
+    original = (image.shape[1], image.shape[0])
+    image, _ = resize_max(image, max_size)
+    return image, original
+
+
+def main(
+    conf: dict | str,
+    image_dir: str | Path,
+    feature_path: str | Path,
+    image_list: Iterable[str] | str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    backend=None,
+) -> dict:
+    """Extract features of the images of ``image_dir`` into ``feature_path``.
+
+    ``conf``: a preset name or dict (see :data:`confs`). ``image_list``: names relative to ``image_dir`` (a list, or
+    a text file with one name per line); default: every image found by :func:`~cd_sfm.images.list_images`.
+    ``overwrite``: extract again images already present (their entries are replaced when the new ones are merged).
+    ``backend``: an already built backend instance (then ``conf['backend']``/``options`` are not used).
+
+    Returns ``{"extracted": n, "reused": n, "skipped": {name: reason}, "no_keypoints": [names], "seconds": s,
+    "feature_path": str}``. Unreadable images are skipped with a warning, never abort the run.
+    """
+    t0 = time.monotonic()
+    conf = resolve_conf(conf)
+    image_dir, feature_path = Path(image_dir), Path(feature_path)
+    skipped: dict[str, str] = {}
+    if image_list is None:
+        names = list_images(image_dir, skipped=skipped)
+    else:
+        if isinstance(image_list, (str, Path)):
+            p = Path(image_list)
+            if not p.exists():
+                raise CdSfmError(f"{p}: image list not found")
+            image_list = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        names = list(dict.fromkeys(Path(n).as_posix() for n in image_list))
+    done = set() if overwrite else completed_names(feature_path)
+    todo = [n for n in names if n not in done]
+    reused = len(names) - len(todo)
+    if reused:
+        logger.info("Reusing the features of %d image(s) already in %s", reused, feature_path)
+
+    extracted = 0
+    no_keypoints: list[str] = []
+    if todo:
+        if backend is None:
+            backend = make_backend(conf)
+        grayscale = bool(getattr(backend, "grayscale", False))
+        max_size = conf.get("max_image_size")
+        dtype = conf.get("descriptor_dtype") or "float32"
+        logger.info("Extracting %s features of %d image(s) into %s", conf["backend"], len(todo), feature_path)
+
+        def load(name):
+            return _read_original(image_dir / name, grayscale, max_size)
+
+        with H5Appender(feature_path, flush_every=16) as out:
+            with tqdm(_prefetch(todo, load), total=len(todo), desc="extract", unit="img",
+                      disable=not progress) as bar:
+                for name, result in bar:
+                    if isinstance(result, CdSfmError):
+                        logger.warning("Skipping %s", result)
+                        skipped[name] = str(result)
+                        continue
+                    if isinstance(result, Exception):
+                        raise result
+                    image, original_size = result
+                    feats = backend.extract(image)
+                    feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
+                    n = len(feats["keypoints"])
+                    if n == 0:
+                        logger.warning("%s: no keypoints found", image_dir / name)
+                        no_keypoints.append(name)
+                    out.add(name, features_to_h5(feats, dtype))
+                    extracted += 1
+                    bar.set_postfix(kpts=n, refresh=False)
+    else:
+        merge_parts(feature_path)  # parts left by a killed run that had finished every image
+    stats = {
+        "extracted": extracted,
+        "reused": reused,
+        "skipped": skipped,
+        "no_keypoints": no_keypoints,
+        "seconds": time.monotonic() - t0,
+        "feature_path": str(feature_path),
+    }
+    logger.info("Features: %d extracted, %d reused, %d skipped (%.1f s)", extracted, reused, len(skipped),
+                stats["seconds"])
+    return stats

@@ -1,0 +1,348 @@
+"""Image discovery and reading: names as COLMAP gives them, EXIF orientation, any bit depth or channel layout.
+
+* :func:`list_images` walks an image folder (nested folders included) and returns names relative to it with ``/``
+  separators, sorted, as COLMAP names images in its database.
+* :func:`read_image` decodes one image to uint8 RGB or grayscale, upright (EXIF orientation applied), optionally
+  downscaled so that its longest side is at most ``max_size``.
+* :func:`image_info` reads only the header: size after EXIF orientation, focal length in pixels when EXIF has one
+  (the same rules as COLMAP), camera make and model.
+
+Every problem caused by the input raises :class:`~cd_sfm.io.CdSfmError` with a message ``"<path>: <problem>"``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .io import CdSfmError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
+
+# EXIF tags (see the EXIF 2.3 specification)
+_TAG_MAKE, _TAG_MODEL, _TAG_ORIENTATION, _TAG_EXIF_IFD = 0x010F, 0x0110, 0x0112, 0x8769
+_TAG_FOCAL, _TAG_FOCAL_35MM = 0x920A, 0xA405
+_TAG_FP_XRES, _TAG_FP_UNIT = 0xA20E, 0xA210
+_TAG_PIXEL_X, _TAG_PIXEL_Y = 0xA002, 0xA003
+_FP_UNIT_MM = {2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}  # FocalPlaneResolutionUnit -> millimetres per unit
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# discovery
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(
+    root: str | Path,
+    patterns: Iterable[str] | None = None,
+    on_duplicate: str = "warn",
+    skipped: dict[str, str] | None = None,
+) -> list[str]:
+    """Names of the images under ``root``, relative to it with ``/`` separators, sorted.
+
+    Nested folders are walked (symbolic links to folders are followed once). Files with an image extension
+    (``IMAGE_EXTENSIONS``, any case) are kept; other files and hidden files (``.name``, e.g. macOS ``._x.jpg``) are
+    ignored with a debug message. ``patterns`` (glob patterns such as ``"*.jpg"`` or ``"cam0/*"``, matched against
+    the relative name) keep only the images that match one of them.
+
+    Names that differ only by case (``a.jpg`` and ``a.JPG``) would collide on case-insensitive file systems and in
+    tools that fold case: ``on_duplicate="warn"`` (default) keeps the first in sorted order, logs a warning and records
+    the others in ``skipped`` (``{name: reason}``) when given; ``"error"`` raises :class:`CdSfmError`; ``"keep"`` keeps
+    them all.
+
+    Raises :class:`CdSfmError` when ``root`` is missing, is not a folder, or holds no image.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise CdSfmError(f"{root}: image folder not found")
+    if not root.is_dir():
+        raise CdSfmError(f"{root}: not a folder")
+    patterns = list(patterns) if patterns else None
+    names: list[str] = []
+    ignored = 0
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a link cycle
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for fn in filenames:
+            name = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+            if fn.startswith(".") or not is_image_name(fn):
+                logger.debug("Ignoring %s: not an image file", root / name)
+                ignored += 1
+                continue
+            if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+                continue
+            names.append(name)
+    names.sort()
+    if ignored:
+        logger.info("Ignored %d non-image file(s) in %s", ignored, root)
+    if not names:
+        what = f" matching {', '.join(patterns)}" if patterns else ""
+        raise CdSfmError(f"{root}: no images found{what} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return _check_duplicates(root, names, on_duplicate, skipped)
+
+
+def _check_duplicates(root: Path, names: list[str], on_duplicate: str, skipped: dict[str, str] | None) -> list[str]:
+    if on_duplicate not in ("warn", "error", "keep"):
+        raise ValueError(f"on_duplicate must be warn, error or keep, not {on_duplicate!r}")
+    if on_duplicate == "keep":
+        return names
+    first: dict[str, str] = {}
+    kept = []
+    for name in names:
+        key = name.casefold()
+        if key in first:
+            msg = f"same name as {first[key]} up to letter case"
+            if on_duplicate == "error":
+                raise CdSfmError(f"{root / name}: {msg}; rename one of them")
+            logger.warning("Skipping %s: %s", root / name, msg)
+            if skipped is not None:
+                skipped[name] = msg
+            continue
+        first[key] = name
+        kept.append(name)
+    return kept
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers numerically (``frame2`` before ``frame10``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Any pixel array to uint8: 16-bit by /257 (full range kept), 8-bit data in a wider integer container as is,
+    floats in [0, 1] by *255, anything else stretched over its range."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    a = arr.astype(np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    if arr.dtype == np.uint16:
+        return np.round(a / 257.0).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer) and lo >= 0:
+        if hi <= 255:
+            return a.astype(np.uint8)
+        if hi <= 65535:
+            return np.round(a / 257.0).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    a = np.where(finite, a, lo)
+    return np.round(np.clip((a - lo) * (255.0 / max(hi - lo, 1e-12)), 0, 255)).astype(np.uint8)
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image to (H, W) or (H, W, 3) uint8 (alpha dropped, palette expanded, 16-bit scaled)."""
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return np.asarray(img)
+    if mode == "1":
+        return np.asarray(img.convert("L"))
+    if mode in ("LA", "La"):
+        return np.asarray(img.getchannel(0))
+    if mode.startswith("I") or mode == "F":  # I, I;16, I;16B, I;16L, I;16N, F
+        return _to_uint8(np.asarray(img))
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "RGBa", "RGBX"):
+        return np.asarray(img)[..., :3]
+    return np.asarray(img.convert("RGB"))  # CMYK, YCbCr, LAB, HSV
+
+
+def _read_with_opencv(path: Path) -> np.ndarray | None:
+    """Fallback decoder for files Pillow cannot identify (e.g. some TIFF compressions, 16-bit colour)."""
+    arr = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)  # applies EXIF orientation
+    if arr is None:
+        return None
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return _to_uint8(arr)
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return _pil_to_array(img)
+    except FileNotFoundError:
+        raise CdSfmError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise CdSfmError(f"{path}: not a file") from None
+    except UnidentifiedImageError as e:
+        arr = _read_with_opencv(path)
+        if arr is not None:
+            return arr
+        raise CdSfmError(f"{path}: cannot read image (unknown or corrupt format)") from e
+    except Image.DecompressionBombError as e:
+        raise CdSfmError(f"{path}: cannot read image (too many pixels: {e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data, broken headers or chunks
+        raise CdSfmError(f"{path}: cannot read image ({e})") from e
+
+
+def resize_max(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, float]:
+    """Downscale so that the longest side is at most ``max_size`` (area interpolation); never upscales.
+
+    Returns the image and the factor applied (new size / original size, 1.0 when unchanged)."""
+    h, w = image.shape[:2]
+    if not max_size or max(h, w) <= max_size:
+        return image, 1.0
+    scale = max_size / max(h, w)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+def read_image(path: str | Path, grayscale: bool = False, max_size: int | None = None) -> tuple[np.ndarray, float]:
+    """Read an image upright (EXIF orientation applied) as uint8 (H, W) grayscale or (H, W, 3) RGB.
+
+    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are all converted. With ``max_size`` the longest
+    side is reduced to at most that many pixels. Returns ``(image, scale)`` with ``scale`` the resize factor
+    (new / original, 1.0 when not resized); a pixel coordinate ``x`` of the returned image is
+    ``(x + 0.5) / scale - 0.5`` in the original (use the exact per-axis size ratio when it matters).
+
+    Raises :class:`CdSfmError` ``"<path>: cannot read image (...)"`` for missing, corrupt or truncated files.
+    """
+    path = Path(path)
+    arr = _decode(path)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 1:
+        raise CdSfmError(f"{path}: cannot read image (unexpected shape {arr.shape})")
+    if grayscale and arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+    elif not grayscale and arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    arr, scale = resize_max(np.ascontiguousarray(arr), max_size)
+    return arr, scale
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# header information
+
+
+@dataclass
+class ImageInfo:
+    """What the header tells: ``width``/``height`` after EXIF orientation, ``focal_px`` (None when EXIF has no usable
+    focal length), camera ``make``/``model`` (None when absent), and the raw EXIF values used."""
+
+    width: int
+    height: int
+    focal_px: float | None = None
+    make: str | None = None
+    model: str | None = None
+    orientation: int = 1
+    focal_mm: float | None = None
+    focal_35mm: float | None = None
+    focal_source: str | None = None  # "35mm", "focal_plane" or "sensor_width"
+
+    @property
+    def camera_id(self) -> str:
+        """A key for grouping images by physical camera: make, model and image size."""
+        return f"{self.make or ''}|{self.model or ''}|{self.width}x{self.height}"
+
+
+def _as_float(v) -> float | None:
+    try:
+        f = float(v[0]) / float(v[1]) if isinstance(v, tuple) and len(v) == 2 else float(v)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _as_text(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "ignore")
+    v = str(v).replace("\x00", "").strip()
+    return v or None
+
+
+def image_info(path: str | Path, sensor_width_mm: float | None = None) -> ImageInfo:
+    """Size, focal length prior and camera of an image from its header only (no pixel decoding).
+
+    The focal length in pixels (of the long side ``max(width, height)``) follows COLMAP: ``FocalLengthIn35mmFilm``
+    (f35 / 35 * long side), else ``FocalLength`` with the sensor width from ``FocalPlaneXResolution``, else
+    ``FocalLength`` with ``sensor_width_mm`` when given. Implausible values (focal outside 0.1 to 20 times the long
+    side) are ignored.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                w, h = img.size
+                exif = img.getexif()
+    except FileNotFoundError:
+        raise CdSfmError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        arr = _read_with_opencv(path) if isinstance(e, UnidentifiedImageError) else None
+        if arr is None:
+            raise CdSfmError(f"{path}: cannot read image ({e})") from e
+        return ImageInfo(width=arr.shape[1], height=arr.shape[0])
+
+    orientation = exif.get(_TAG_ORIENTATION, 1)
+    orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    info = ImageInfo(width=w, height=h, make=_as_text(exif.get(_TAG_MAKE)), model=_as_text(exif.get(_TAG_MODEL)),
+                     orientation=orientation)
+    try:
+        sub = exif.get_ifd(_TAG_EXIF_IFD)
+    except Exception:  # malformed EXIF block
+        sub = {}
+    info.focal_mm = _as_float(sub.get(_TAG_FOCAL))
+    info.focal_35mm = _as_float(sub.get(_TAG_FOCAL_35MM))
+    long_side = max(w, h)
+
+    candidates: list[tuple[str, float]] = []
+    if info.focal_35mm:
+        candidates.append(("35mm", info.focal_35mm / 35.0 * long_side))
+    if info.focal_mm:
+        xres, unit = _as_float(sub.get(_TAG_FP_XRES)), sub.get(_TAG_FP_UNIT, 2)
+        if xres and unit in _FP_UNIT_MM:
+            px_per_mm = xres / _FP_UNIT_MM[unit]
+            # the resolution refers to the sensor readout (PixelXDimension) in the unrotated frame
+            native_w = _as_float(sub.get(_TAG_PIXEL_X))
+            stored_w = h if orientation in (5, 6, 7, 8) else w
+            factor = stored_w / native_w if native_w else 1.0
+            candidates.append(("focal_plane", info.focal_mm * px_per_mm * factor))
+        if sensor_width_mm:
+            candidates.append(("sensor_width", info.focal_mm / sensor_width_mm * long_side))
+    for source, f in candidates:
+        if 0.1 * long_side <= f <= 20 * long_side:
+            info.focal_px, info.focal_source = float(f), source
+            break
+        logger.debug("%s: ignoring implausible EXIF focal length %.1f px (%s)", path, f, source)
+    return info

@@ -1,0 +1,221 @@
+"""Fast inference of the three ContextDesc models: ``tf.function`` with fixed signatures, padded batches, CPU threads,
+optional XLA and a bf16 path.
+
+* local: patches go through the model in fixed batches of ``batch_size`` (the last one zero-padded), so the graph is
+  traced once for every image;
+* augmentation: keypoints are padded to a bucket size (``max_keypoints``, or the next multiple of 1024) with a mask
+  that keeps the padding out of the context normalisation, the regional map has a dynamic (h, w): one trace;
+* regional: one dynamic (1, H, W, 3) signature.
+
+bf16: a second copy of each model built under Keras' ``mixed_bfloat16`` policy (weights and normalisation statistics
+stay float32). It is used only when the CPU has AMX or AVX512-BF16 (read from ``/proc/cpuinfo`` at run time); oneDNN
+then runs the convolutions in bf16. Elsewhere the request falls back to fp32 with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "auto")
+_THREADS_SET = False
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_support() -> str | None:
+    """'AMX' or 'AVX512-BF16' when the CPU computes bf16 natively, else None."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        from ..io import CdSfmError
+
+        raise CdSfmError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return "fp32"
+    hw = bf16_support()
+    if hw is None:
+        if precision == "bf16":
+            logger.warning("bf16 requested but this CPU has neither AMX nor AVX512-BF16: using fp32")
+        return "fp32"
+    logger.info("bf16 inference (%s)", hw)
+    return "bf16"
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(n: int | None = None) -> None:
+    """Match TensorFlow's thread pools to the cores this process may use (only possible before TF starts)."""
+    global _THREADS_SET
+    if _THREADS_SET:
+        return
+    import tensorflow as tf
+
+    n = n or available_cores()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
+        logger.debug("TensorFlow threads: intra %d, inter %d", n, min(2, n))
+    except RuntimeError:
+        logger.debug("TensorFlow already initialised; thread pools left as they are")
+    _THREADS_SET = True
+
+
+def build_with_policy(builder, policy: str | None, *args, **kw):
+    """Build a Keras model under a dtype policy (e.g. ``mixed_bfloat16``), restoring the global policy after."""
+    import keras
+
+    if not policy:
+        return builder(*args, **kw)
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return builder(*args, **kw)
+    finally:
+        keras.config.set_dtype_policy(old)
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m)
+
+
+class ContextDescRunner:
+    """Runs given fp32 Keras models (``local`` required, ``augment`` and ``regional`` optional).
+
+    ``builders`` maps the same keys to zero-argument functions that rebuild each model (for the bf16 copy)."""
+
+    def __init__(self, models: dict, builders: dict | None = None, precision: str = "fp32", xla: bool = False,
+                 batch_size: int = 256, bucket: int = 4096, threads: int | None = None):
+        import tensorflow as tf
+
+        configure_threads(threads)
+        self.precision = resolve_precision(precision)
+        self.xla = bool(xla)
+        self.batch_size = int(batch_size)
+        self.bucket = int(bucket) if bucket else 1024
+        self.models = dict(models)
+        if self.precision == "bf16":
+            if not builders:
+                raise ValueError("bf16 needs the model builders")
+            for key, model in list(self.models.items()):
+                bf = build_with_policy(builders[key], "mixed_bfloat16")
+                bf.set_weights(model.get_weights())
+                self.models[key] = bf
+        self.visual = "augment" in self.models and "regional_feat" in {i.name for i in self.models["augment"].inputs}
+        B = self.batch_size
+        f32 = tf.float32
+        local = self.models["local"]
+
+        def run_local(x):
+            out = local(x, training=False)
+            return tf.cast(out["conv6_feat"], f32), tf.cast(out["kpt_mb"], f32)
+
+        self._local = tf.function(run_local, input_signature=[tf.TensorSpec((B, 32, 32, 1), f32)],
+                                  jit_compile=self.xla, reduce_retracing=True)
+        self._regional = self._augment = None
+        if "regional" in self.models:
+            regional = self.models["regional"]
+
+            def run_regional(img):
+                return tf.cast(regional(img, training=False)["res5c"], f32)
+
+            self._regional = tf.function(run_regional, input_signature=[tf.TensorSpec((1, None, None, 3), f32)],
+                                         jit_compile=self.xla)
+        if "augment" in self.models:
+            aug = self.models["augment"]
+            sig = [tf.TensorSpec((1, None, 128), f32), tf.TensorSpec((1, None, 1), f32),
+                   tf.TensorSpec((1, None, 2), f32), tf.TensorSpec((1, None), f32)]
+            if self.visual:
+                sig.append(tf.TensorSpec((1, None, None, 2048), f32))
+
+            def run_augment(local_feat, kpt_m, kpt_xy, mask, regional=None):
+                inputs = {"local_feat": local_feat, "kpt_m": kpt_m, "kpt_xy": kpt_xy, "kpt_mask": mask}
+                if regional is not None:
+                    inputs["regional_feat"] = regional
+                return tf.cast(aug(inputs, training=False)["l2norm"], f32)
+
+            self._augment = tf.function(run_augment, input_signature=sig, jit_compile=self.xla)
+
+    @property
+    def has_regional(self) -> bool:
+        return self._regional is not None and self.visual
+
+    @property
+    def has_augment(self) -> bool:
+        return self._augment is not None
+
+    def local(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 32, 32[, 1]) patches -> raw local descriptors (N, 128) float32 and matchability (N,)."""
+        x = np.asarray(patches, np.float32)
+        n = len(x)
+        if n == 0:
+            return np.zeros((0, 128), np.float32), np.zeros((0,), np.float32)
+        x = x.reshape(n, 32, 32, 1)
+        B = self.batch_size
+        feats, mbs = [], []
+        for i in range(0, n, B):
+            chunk = x[i : i + B]
+            if len(chunk) < B:
+                chunk = np.concatenate([chunk, np.zeros((B - len(chunk), 32, 32, 1), np.float32)])
+            f, m = self._local(chunk)
+            feats.append(f.numpy())
+            mbs.append(m.numpy())
+        return np.concatenate(feats)[:n], np.concatenate(mbs)[:n]
+
+    def regional(self, image: np.ndarray) -> np.ndarray:
+        """(1, H, W, 3) float32 RGB 0..255 (see ``regional.prepare_image``) -> (1, h, w, 2048)."""
+        if self._regional is None:
+            raise RuntimeError("no regional model loaded")
+        return self._regional(np.asarray(image, np.float32)).numpy()
+
+    def augment(self, local_feat: np.ndarray, kpt_m: np.ndarray, kpt_xy: np.ndarray,
+                regional_map: np.ndarray | None = None) -> np.ndarray:
+        """Augmented, L2-normalised descriptors (N, 128). ``kpt_xy`` already normalised to [-1, 1]."""
+        n = len(local_feat)
+        if n == 0:
+            return np.zeros((0, 128), np.float32)
+        size = self.bucket if n <= self.bucket else _round_up(n, 1024)
+        pad = size - n
+        lf = np.pad(np.asarray(local_feat, np.float32), ((0, pad), (0, 0)))[None]
+        km = np.pad(np.asarray(kpt_m, np.float32).reshape(-1), (0, pad))[None, :, None]
+        kx = np.pad(np.asarray(kpt_xy, np.float32).reshape(-1, 2), ((0, pad), (0, 0)))[None]
+        mask = np.zeros((1, size), np.float32)
+        mask[0, :n] = 1.0
+        args = [lf, km, kx, mask]
+        if self.visual:
+            if regional_map is None:
+                raise RuntimeError("this augmentation model needs a regional feature map")
+            args.append(np.asarray(regional_map, np.float32).reshape((1,) + np.shape(regional_map)[-3:]))
+        return self._augment(*args).numpy()[0, :n]
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,0 +1,98 @@
+"""Ray execution of extraction and matching gives the very features and matches of the in-process stages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from cd_sfm.io import list_h5_names
+
+FEATURE_CONF = {"backend": "sift", "options": {"max_keypoints": 600}, "max_image_size": 400,
+                "descriptor_dtype": "float16"}
+
+
+def test_no_ray_import_without_the_flag():
+    code = ("import sys; import cd_sfm.distributed, cd_sfm.globaldesc, cd_sfm.pairs.retrieval, cd_sfm.matching, "
+            "cd_sfm.features.extract; assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_helpful_error_without_ray(monkeypatch):
+    from cd_sfm import distributed
+    from cd_sfm.io import CdSfmError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(CdSfmError, match=r"pip install 'cd_sfm\[ray\]'"):
+        distributed.require_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    from cd_sfm.synthetic import render_scene
+
+    return render_scene(tmp_path_factory.mktemp("scene"), num_images=4, num_points=300, width=480, height=360)
+
+
+def assert_same_h5(a, b):
+    names = list_h5_names(a)
+    assert names and names == list_h5_names(b)
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for n in names:
+            assert set(fa[n]) == set(fb[n]), n
+            for k in fa[n]:
+                x, y = fa[n][k][()], fb[n][k][()]
+                assert x.dtype == y.dtype and x.shape == y.shape, (n, k)
+                np.testing.assert_array_equal(x, y, err_msg=f"{n}/{k}")
+
+
+@pytest.mark.parametrize("ship_data", [False, True])
+def test_ray_matches_in_process(ray_cluster, scene, tmp_path, ship_data):
+    from cd_sfm import distributed, matching
+    from cd_sfm.features import extract
+    from cd_sfm.pairs import exhaustive
+
+    ref, dist = tmp_path / "ref", tmp_path / "ray"
+    extract.main(FEATURE_CONF, scene.image_dir, ref / "features.h5", progress=False)
+    pairs = exhaustive.main(scene.names, tmp_path / "pairs.txt")
+    matching.main("NN-ratio", tmp_path / "pairs.txt", ref / "features.h5", ref / "matches.h5", progress=False)
+
+    rconf = distributed.RayConf(num_workers=2, ship_data=ship_data, match_batch=2)
+    stats = distributed.extract(FEATURE_CONF, scene.image_dir, dist / "features.h5", ray_conf=rconf, progress=False)
+    assert stats["extracted"] == len(scene.names)
+    assert_same_h5(ref / "features.h5", dist / "features.h5")
+    stats = distributed.match("NN-ratio", tmp_path / "pairs.txt", dist / "features.h5", dist / "matches.h5",
+                              ray_conf=rconf, progress=False)
+    assert stats["matched"] == len(pairs) and stats["num_matches_mean"] > 20
+    assert_same_h5(ref / "matches.h5", dist / "matches.h5")
+
+    # resumed runs reuse everything and start no worker
+    assert distributed.extract(FEATURE_CONF, scene.image_dir, dist / "features.h5", ray_conf=rconf,
+                               progress=False)["reused"] == len(scene.names)
+    assert distributed.match("NN-ratio", tmp_path / "pairs.txt", dist / "features.h5", dist / "matches.h5",
+                             ray_conf=rconf, progress=False)["reused"] == len(pairs)
+
+
+def test_ray_skips_unreadable_images(ray_cluster, scene, tmp_path):
+    import shutil
+
+    from cd_sfm import distributed
+
+    images = tmp_path / "images"
+    shutil.copytree(scene.image_dir, images)
+    (images / "broken.png").write_bytes(b"not an image")
+    stats = distributed.extract(FEATURE_CONF, images, tmp_path / "features.h5",
+                                ray_conf={"num_workers": 1, "ship_data": True}, progress=False)
+    assert list(stats["skipped"]) == ["broken.png"] and "broken.png" in stats["skipped"]["broken.png"]
+    assert stats["extracted"] == len(scene.names)
