@@ -61,8 +61,17 @@ def config_dirs() -> list[Path]:
     return [d for d in (here.parent / "configs", here / "configs") if d.is_dir()]
 
 
+def _is_pipeline_preset(path: Path) -> bool:
+    """``configs/`` also holds other kinds of YAML (e.g. data splits): a preset uses only pipeline keys."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and set(data) <= set(DEFAULTS)
+
+
 def available_presets() -> list[str]:
-    names = {p.stem for d in config_dirs() for p in d.glob("*.yaml")}
+    names = {p.stem for d in config_dirs() for p in d.glob("*.yaml") if _is_pipeline_preset(p)}
     return sorted(names | {"default"})
 
 

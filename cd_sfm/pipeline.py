@@ -15,6 +15,7 @@ results (``overwrite=True`` recomputes).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -47,12 +48,12 @@ def check_image_dir(image_dir: str | Path) -> Path:
 def check_writable(out_dir: str | Path) -> Path:
     """Create ``out_dir`` if needed and prove a file can be written there (before any work is done)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CdSfmError(f"{out_dir}: output path exists and is not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except (OSError, FileExistsError) as e:
         raise CdSfmError(f"{out_dir}: cannot create the output folder ({e.strerror or e})") from e
-    if not out_dir.is_dir():
-        raise CdSfmError(f"{out_dir}: output path exists and is not a folder")
     try:
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
         os.close(fd)
@@ -191,8 +192,12 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
     t = time.perf_counter()
     db_conf = {k: conf[k] for k in ("camera_mode", "camera_model", "prior_focal_length", "default_focal_factor",
                                     "descriptor_uint8")}
+    verification = copy.deepcopy(conf.get("verification") or {})
+    seed = conf.get("seed")
+    if seed is not None and int(seed) >= 0:  # reproducible RANSAC unless the config sets its own seed
+        verification.setdefault("ransac", {}).setdefault("random_seed", int(seed))
     db_stats = database.main(db_conf, out_dir / DATABASE, out_dir / FEATURES, image_dir, out_dir / PAIRS,
-                             out_dir / MATCHES, image_names=names, verification=conf.get("verification") or {})
+                             out_dir / MATCHES, image_names=names, verification=verification)
     seconds["database"] = time.perf_counter() - t
     t = time.perf_counter()
     rec, map_stats = mapping.main({"mapper": conf["mapper"], "options": conf.get("mapping_options") or {},

@@ -36,9 +36,14 @@ def render_scene(
     width: int = 1024,
     height: int = 768,
     seed: int = 0,
+    focal_factor: float = 1.5,
+    patch_radius: int = 15,
     overwrite: bool = True,
 ) -> SyntheticScene:
-    """Render the demo scene into ``out_dir`` (``images/`` + ``gt/``); returns the paths and image names."""
+    """Render the demo scene into ``out_dir`` (``images/`` + ``gt/``); returns the paths and image names.
+
+    ``focal_factor``: focal length in units of the longest image side (1.5: the ball of points spans about 60 % of
+    the image height; wider views crowd the point patches, which then overlap differently in every view)."""
     import pycolmap
 
     out_dir = Path(out_dir)
@@ -56,10 +61,12 @@ def render_scene(
     opts.num_frames_per_rig = int(num_images)
     opts.num_points3D = int(num_points)
     opts.camera_width, opts.camera_height = int(width), int(height)
-    f = 1.25 * max(width, height)
+    f = focal_factor * max(width, height)
     opts.camera_params = [f, width / 2.0, height / 2.0, 0.02]
     rec = pycolmap.synthesize_dataset(opts)
-    pycolmap.synthesize_images(pycolmap.SyntheticImageOptions(), rec, str(image_dir))
+    image_opts = pycolmap.SyntheticImageOptions()
+    image_opts.feature_patch_radius = int(patch_radius)
+    pycolmap.synthesize_images(image_opts, rec, str(image_dir))
     rec.write_binary(str(gt_dir))
     names = sorted(im.name for im in rec.images.values())
     logger.info("Rendered %d synthetic images (%dx%d, %d points) into %s", len(names), width, height, num_points,

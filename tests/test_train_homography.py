@@ -21,11 +21,12 @@ def _zncc(p):
 
 
 def test_keypoint_warp_similarity_exact():
-    # a pure similarity: size scales by s, angle turns by -rotation (OpenCV angle convention)
+    # a pure similarity: size scales by s, angle turns with the rotation (as OpenCV's SIFT angle does, see
+    # tests/test_patches.py::test_rotation_invariance_with_opencv_angles)
     a, s = np.deg2rad(30), 1.5
     H = np.array([[s * np.cos(a), -s * np.sin(a), 10], [s * np.sin(a), s * np.cos(a), 5], [0, 0, 1]])
     xy, sz, ang = hg.warp_keypoints(H, np.array([[3.0, 4.0]]), np.array([2.0]), np.array([50.0]))
-    assert np.allclose(sz, 3.0) and np.allclose(ang, 20.0)
+    assert np.allclose(sz, 3.0) and np.allclose(ang, 80.0)
     assert np.allclose(xy, hg.warp_points(H, np.array([[3.0, 4.0]])))
 
 

@@ -86,8 +86,13 @@ def _unit_coords(n: int = PATCH_SIZE) -> np.ndarray:
 
 
 def sample_grids(xy: np.ndarray, radius: np.ndarray, theta: np.ndarray, n: int = PATCH_SIZE):
-    """Pixel coordinates of every patch sample, as two (N, n, n) float32 arrays (x, y):
-    xy + radius * R(theta) @ (u, v), u along the patch columns, v along its rows."""
+    """Pixel coordinates of every patch sample, as two (N, n, n) float32 arrays (x, y), u along the patch columns,
+    v along its rows, as the original front end's affine grid:
+
+        x = cx + r (cos(theta) u + sin(theta) v),   y = cy + r (-sin(theta) u + cos(theta) v)
+
+    With theta = 360 deg - kp.angle this turns the patch's u axis to OpenCV's keypoint direction (rotation
+    invariant: the same scene point seen in a rotated image gives the same patch)."""
     xy = np.asarray(xy, np.float32).reshape(-1, 2)
     r = np.asarray(radius, np.float32)[:, None, None]
     theta = np.asarray(theta, np.float32)
@@ -95,8 +100,8 @@ def sample_grids(xy: np.ndarray, radius: np.ndarray, theta: np.ndarray, n: int =
     s = np.sin(theta)[:, None, None] * r
     g = _unit_coords(n)
     u, v = g[None, None, :], g[None, :, None]
-    x = xy[:, 0, None, None] + c * u - s * v
-    y = xy[:, 1, None, None] + s * u + c * v
+    x = xy[:, 0, None, None] + c * u + s * v
+    y = xy[:, 1, None, None] - s * u + c * v
     return x, y
 
 

@@ -179,3 +179,13 @@ def build_augment_model(
 def has_visual_weights(keys) -> bool:
     """Whether a weight file (its keys) holds the visual branch."""
     return any(str(k).startswith("vis_context_") for k in keys)
+
+
+def geometric_only(model: keras.Model) -> keras.Model:
+    """The geometric-only model with the geometric weights of a (visual) augmentation model."""
+    interp = next((layer.mode for layer in model.layers if isinstance(layer, GridInterpolate)), "inverse_distance")
+    geo = build_augment_model(visual=False, interp=interp)
+    for layer in geo.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return geo

@@ -448,13 +448,20 @@ def add_models_subparser(subparsers):
                               description=f"ContextDesc weights. Cache folder: ${ENV_HOME} (default ~/.cache/cd_sfm).")
     sub = p.add_subparsers(dest="models_command", metavar="{list,download,import,check}")
     sub.required = True
-    s = sub.add_parser("list", help="models available here and official downloads")
+
+    def add(name, **kw):
+        s = sub.add_parser(name, **kw)
+        s.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+        s.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+        return s
+
+    s = add("list", help="models available here and official downloads")
     s.set_defaults(func=cmd_list)
-    s = sub.add_parser("download", help="download and import an official release")
+    s = add("download", help="download and import an official release")
     s.add_argument("name", help=f"one of {', '.join(OFFICIAL)}")
     s.add_argument("--no-regional", action="store_true", help="skip the regional (retrieval) model")
     s.set_defaults(func=cmd_download)
-    s = sub.add_parser("import", help="import frozen graphs (.pb) as a named model")
+    s = add("import", help="import frozen graphs (.pb) as a named model")
     s.add_argument("--local", required=True, help="local model graph (loc.pb / contextdesc-*.pb)")
     s.add_argument("--aug", help="augmentation graph (aug.pb / contextdesc-*-aug.pb)")
     s.add_argument("--regional", help="regional graph (retrieval_resnet50.pb)")
@@ -462,7 +469,7 @@ def add_models_subparser(subparsers):
     s.add_argument("--trained-on", help="what the weights were trained on (shown by `models list`)")
     s.add_argument("--force", action="store_true", help="replace an existing model of that name")
     s.set_defaults(func=cmd_import)
-    s = sub.add_parser("check", help="rerun the parity check of an imported model against its frozen graphs")
+    s = add("check", help="rerun the parity check of an imported model against its frozen graphs")
     s.add_argument("name")
     s.add_argument("--num-patches", type=int, default=256, help="generated patches / keypoints (default 256)")
     s.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="largest accepted difference")

@@ -130,15 +130,15 @@ def homography_jacobian(H: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 
 def warp_keypoints(H: np.ndarray, xy: np.ndarray, sizes: np.ndarray, angles_deg: np.ndarray):
-    """Map keypoints (location, OpenCV size and angle) through ``H``: the patch frame R(theta) * r, theta = 360 - angle,
-    becomes J R(theta) r ~ sqrt(det J) r R(theta + rot(J)), rot(J) = atan2(J10 - J01, J00 + J11)."""
+    """Map keypoints (location, OpenCV size and angle) through ``H``: the patch frame R(angle) * r (the sampler's
+    rotation by theta = 360 - angle, see ``patches.sample_grids``) becomes J R(angle) r ~ sqrt(det J) r
+    R(angle + rot(J)), rot(J) = atan2(J10 - J01, J00 + J11); OpenCV's SIFT angle turns the same way."""
     J = homography_jacobian(H, xy)
     det = np.abs(J[:, 0, 0] * J[:, 1, 1] - J[:, 0, 1] * J[:, 1, 0])
     rot = np.rad2deg(np.arctan2(J[:, 1, 0] - J[:, 0, 1], J[:, 0, 0] + J[:, 1, 1]))
     new_xy = warp_points(H, xy)
     new_sizes = np.asarray(sizes, np.float64) * np.sqrt(det)
-    # theta' = theta + rot  ->  angle' = 360 - theta' = angle - rot
-    new_angles = np.mod(np.asarray(angles_deg, np.float64) - rot, 360.0)
+    new_angles = np.mod(np.asarray(angles_deg, np.float64) + rot, 360.0)
     return new_xy, new_sizes, new_angles
 
 

@@ -347,6 +347,9 @@ def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None
     return {
         "model": "contextdesc_local",
         "name": conf.export or Path(conf.run_dir).name,
+        "source": "shipped",
+        "description": "our own ContextDesc local model (descriptor + matchability), trained on CPU from scratch; "
+                       "no augmentation/regional weights",
         "upright": conf.upright,
         "trained_on": "random homographic warps of the TRAIN scenes of configs/split.yaml",
         "train_scenes": scenes,
@@ -454,7 +457,9 @@ def train_local(conf: TrainConf) -> dict:
     save_weights_npz(trainer.model, run_dir / "final.npz", meta=meta)
     result = {"step": step, "steps_per_s": rate, "val": last_val, "best": best, "run_dir": str(run_dir),
               "stopped_by_budget": stopped_by_budget}
-    if conf.export and step >= conf.steps:
+    if conf.export and (step >= conf.steps or stopped_by_budget):
+        if stopped_by_budget:
+            meta["stopped_by_time_budget"] = f"step {step} of {conf.steps}"
         out = export_weights(trainer.model, conf.export, meta, conf.export_dir or None,
                              extra_files=[log_path, run_dir / "curves.png"])
         result["exported"] = str(out)

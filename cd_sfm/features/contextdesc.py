@@ -1,0 +1,205 @@
+"""ContextDesc feature backend: SIFT keypoints -> 32x32 patches -> local descriptor + matchability -> (regional
+ResNet50 map) -> augmentation with visual and geometric context -> 128-d L2-normalised descriptors.
+
+Options (``ContextDescBackend.Conf``): ``model`` (registry name or folder, default ``cd-sfm-v1``), ``max_keypoints``
+(4096), ``upright``, ``max_image_size`` (0 = full resolution), ``augment`` (False stores the raw local descriptors,
+L2-normalised), ``regional`` (False, or a model without regional weights, gives geometric context only; said once in
+the log), ``regional_max_size`` (1024, the authors' limit), ``precision`` (``fp32`` | ``bf16`` | ``auto``), ``xla``,
+``batch_size`` (patches per local-model call), ``threads`` (0 = the cores this process may use).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+
+import cv2
+import numpy as np
+
+from . import register
+from .patches import SiftDetectorConf, detect_sift, extract_patches, to_gray
+
+logger = logging.getLogger(__name__)
+_SAID: set = set()
+
+
+def _say_once(key, msg, *args):
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.info(msg, *args)
+
+
+@register("contextdesc")
+class ContextDescBackend:
+    @dataclass
+    class Conf:
+        model: str = "cd-sfm-v1"
+        max_keypoints: int = 4096
+        upright: bool = False
+        max_image_size: int = 0
+        augment: bool = True
+        regional: bool = True
+        regional_max_size: int = 1024
+        precision: str = "fp32"
+        xla: bool = False
+        batch_size: int = 256
+        threads: int = 0
+        contrast_threshold: float = 0.04
+
+    descriptor_dim = 128
+
+    def __init__(self, conf=None, models: dict | None = None, info: dict | None = None, **overrides):
+        """``conf``: a ``Conf``, a dict of its fields, or None; ``overrides`` set single fields.
+        ``models`` (tests): ready fp32 Keras models {"local", "augment"?, "regional"?} instead of a named model."""
+        if conf is None:
+            conf = self.Conf()
+        elif isinstance(conf, dict):
+            known = {f.name for f in fields(self.Conf)}
+            unknown = set(conf) - known
+            if unknown:
+                from ..io import CdSfmError
+
+                raise CdSfmError(f"contextdesc: unknown option(s) {', '.join(sorted(unknown))}")
+            conf = self.Conf(**conf)
+        if overrides:
+            conf = self.Conf(**{**asdict(conf), **overrides})
+        self.conf = conf
+        from ..models.runner import ContextDescRunner
+
+        if models is None:
+            models, info = self._load(conf)
+        else:
+            models = dict(models)
+            info = dict(info or {})
+            if not conf.augment:
+                models.pop("augment", None)
+            if not conf.regional or "augment" not in models:
+                models.pop("regional", None)
+            if "augment" in models and "regional" not in models:
+                from ..models.augment import geometric_only
+
+                if "regional_feat" in {i.name for i in models["augment"].inputs}:
+                    models["augment"] = geometric_only(models["augment"])
+        self.info = info
+        builders = self._builders(models, info)
+        self.runner = ContextDescRunner(models, builders, precision=conf.precision, xla=conf.xla,
+                                        batch_size=conf.batch_size, bucket=max(conf.max_keypoints, 0) or 4096,
+                                        threads=conf.threads or None)
+        if conf.augment and self.runner.has_augment and not self.runner.has_regional:
+            _say_once(("geo", conf.model), "%s: no regional model: augmentation with geometric context only",
+                      conf.model)
+        self.timings: dict = defaultdict(float)  # seconds per stage and counts ("images", "patches"), accumulated
+        self.grayscale = not self.runner.has_regional  # extract() needs colour only for the regional model
+        self.detector = SiftDetectorConf(max_keypoints=conf.max_keypoints, upright=conf.upright,
+                                         contrast_threshold=conf.contrast_threshold)
+
+    # ---- model loading
+    @staticmethod
+    def _load(conf):
+        from ..models import registry
+
+        entry = registry.resolve(conf.model)
+        comps = ["local"]
+        if conf.augment:
+            if entry.path("augment") is None:
+                from ..io import CdSfmError
+
+                raise CdSfmError(f"{entry.folder}: model {conf.model!r} has no augmentation weights "
+                                 f"({registry.WEIGHT_FILES['augment']}); use augment=False (--no-augment)")
+            comps.append("augment")
+            if conf.regional and entry.path("regional") is not None:
+                comps.append("regional")
+        models = registry.load_keras_models(entry, comps, visual="regional" in comps)
+        if "regional" in models and "regional_feat" not in {i.name for i in models["augment"].inputs}:
+            models.pop("regional")  # augmentation weights without a visual branch: the map would be unused
+        info = dict(entry.info)
+        info.setdefault("name", entry.name)
+        return models, info
+
+    @staticmethod
+    def _builders(models, info):
+        from ..models.augment import GridInterpolate, build_augment_model
+        from ..models.local import build_local_model
+        from ..models.regional import build_regional_model
+
+        b = {"local": build_local_model, "regional": build_regional_model}
+        if "augment" in models:
+            m = models["augment"]
+            visual = "regional_feat" in {i.name for i in m.inputs}
+            interp = next((layer.mode for layer in m.layers if isinstance(layer, GridInterpolate)),
+                          "inverse_distance")
+            b["augment"] = lambda: build_augment_model(visual=visual, interp=interp)
+        return b
+
+    # ---- extraction
+    def extract(self, image: np.ndarray) -> dict:
+        """Features of one image (see the module docstring of ``cd_sfm.features``); extra key ``matchability``."""
+        return self._extract(image, keep_local=False)
+
+    def extract_with_local(self, image: np.ndarray) -> dict:
+        """As ``extract``, plus ``local_descriptors`` (N, 128): the raw local descriptors, L2-normalised."""
+        return self._extract(image, keep_local=True)
+
+    def _extract(self, image: np.ndarray, keep_local: bool) -> dict:
+        from ..models.runner import l2_normalize
+
+        img = np.asarray(image)
+        if img.dtype != np.uint8:
+            img = np.clip(img, 0, 255).astype(np.uint8)
+        H, W = img.shape[:2]
+        work, scale = img, 1.0
+        m = self.conf.max_image_size
+        if m and max(H, W) > m:
+            scale = max(H, W) / m
+            work = cv2.resize(img, (max(1, round(W / scale)), max(1, round(H / scale))), interpolation=cv2.INTER_AREA)
+        h, w = work.shape[:2]
+        tm = self.timings
+        t0 = time.perf_counter()
+        gray = to_gray(work)
+        kp = detect_sift(gray, self.detector)
+        n = len(kp["keypoints"])
+        t1 = time.perf_counter()
+        patches = extract_patches(gray, kp["keypoints"], kp["scales"], kp["angles"], upright=self.conf.upright)
+        t2 = time.perf_counter()
+        feat, mb = self.runner.local(patches)
+        t3 = time.perf_counter()
+        tm["detect"] += t1 - t0
+        tm["patches"] += t2 - t1
+        tm["local"] += t3 - t2
+        tm["images"] += 1
+        tm["keypoints"] += n
+        if self.conf.augment and self.runner.has_augment and n:
+            xy = kp["keypoints"].astype(np.float32)
+            kxy = np.stack([(xy[:, 0] - w / 2) / (w / 2), (xy[:, 1] - h / 2) / (h / 2)], axis=-1)
+            rmap = None
+            if self.runner.has_regional:
+                from ..models.regional import prepare_image
+
+                rgb = work if work.ndim == 3 else np.repeat(work[..., None], 3, axis=-1)
+                rmap = self.runner.regional(prepare_image(rgb, self.conf.regional_max_size))
+                tm["regional"] += time.perf_counter() - t3
+            t4 = time.perf_counter()
+            desc = self.runner.augment(feat, mb, kxy, rmap)
+            tm["augment"] += time.perf_counter() - t4
+        else:
+            desc = l2_normalize(feat)
+        keypoints = kp["keypoints"].astype(np.float32)
+        scales = kp["scales"].astype(np.float32)
+        if scale != 1.0:
+            keypoints = ((keypoints + 0.5) * np.array([W / w, H / h], np.float32) - 0.5).astype(np.float32)
+            scales = scales * np.float32(scale)
+        orientations = np.zeros(n, np.float32) if self.conf.upright else kp["orientations"].astype(np.float32)
+        out = {
+            "keypoints": keypoints.reshape(n, 2),
+            "scales": scales,
+            "orientations": orientations,
+            "scores": kp["scores"].astype(np.float32),
+            "descriptors": np.asarray(desc, np.float32).reshape(n, 128),
+            "image_size": np.array([W, H], np.int32),
+            "matchability": np.asarray(mb, np.float32).reshape(n),
+        }
+        if keep_local:
+            out["local_descriptors"] = l2_normalize(feat).reshape(n, 128)
+        return out

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Extraction speed of ContextDesc (fp32 and bf16) against COLMAP's CPU SIFT, on the same images, in one run.
+
+    python scripts/bench_extract.py [--images DIR] [--num 5] [--max-image-size 1200] [--model cd-sfm-v1] [--xla]
+
+Prints, per precision: patches/s of the local network, images/s of the whole extraction (SIFT keypoints, patches,
+local network, augmentation; regional model if the model has one), seconds per image by stage; then COLMAP SIFT
+(``pycolmap.extract_features``, CPU, its default options, as many threads as cores) seconds per image, and the ratio
+ContextDesc / COLMAP per image. Without ``--images`` it uses ``../shared/data/strecha_entry-P10_half`` when present,
+else generated images. Without trained weights it times random weights of the same architecture (speed does not depend
+on the values). Images are resized to ``--max-image-size`` (1200 px: about 1 megapixel at 3:2) and written once to a
+temporary folder that both extractors read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("bench")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_images(src: str | None, num: int, max_size: int) -> list[np.ndarray]:
+    from cd_sfm.images import read_image
+    from cd_sfm.models.frozen import generated_image
+
+    folder = Path(src) if src else ROOT.parent / "shared" / "data" / "strecha_entry-P10_half"
+    files = []
+    if folder.is_dir():
+        exts = {".jpg", ".jpeg", ".png", ".ppm", ".tif", ".tiff", ".bmp"}
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)[:num]
+    if files:
+        logger.info("images: %d from %s", len(files), folder)
+        return [read_image(p, max_size=max_size)[0] for p in files]
+    logger.info("images: %d generated", num)
+    h = int(max_size * 2 / 3)
+    return [generated_image(h, max_size, seed=i) for i in range(num)]
+
+
+def random_model_folder(tmp: Path) -> str:
+    from cd_sfm.models.augment import build_augment_model
+    from cd_sfm.models.local import build_local_model
+    from cd_sfm.models.weights import save_weights_npz
+
+    d = tmp / "random-model"
+    save_weights_npz(build_local_model(), d / "local.npz")
+    save_weights_npz(build_augment_model(visual=False), d / "augment.npz")
+    (d / "info.json").write_text(json.dumps({"name": "random", "trained_on": "random weights (timing only)"}))
+    return str(d)
+
+
+def bench_contextdesc(images, model: str, precision: str, xla: bool, max_keypoints: int, batch_size: int) -> dict:
+    from cd_sfm.features.contextdesc import ContextDescBackend
+
+    b = ContextDescBackend(model=model, precision=precision, xla=xla, max_keypoints=max_keypoints,
+                           batch_size=batch_size)
+    b.extract(images[0])  # warm-up: traces and (with XLA) compiles once
+    b.timings.clear()
+    t = time.perf_counter()
+    for img in images:
+        b.extract(img)
+    total = time.perf_counter() - t
+    tm = dict(b.timings)
+    n = len(images)
+    return {
+        "precision": b.runner.precision,
+        "images": n,
+        "keypoints_per_image": tm["keypoints"] / n,
+        "seconds_per_image": total / n,
+        "images_per_s": n / total,
+        "patches_per_s": tm["keypoints"] / max(tm["local"], 1e-9),
+        "stages_per_image": {k: tm.get(k, 0.0) / n for k in ("detect", "patches", "local", "regional", "augment")},
+    }
+
+
+def bench_colmap(images, tmp: Path, threads: int) -> dict:
+    import pycolmap
+
+    img_dir = tmp / "colmap_images"
+    img_dir.mkdir(exist_ok=True)
+    names = []
+    for i, img in enumerate(images):
+        name = f"{i:03d}.png"
+        cv2.imwrite(str(img_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)
+        names.append(name)
+    opts = pycolmap.FeatureExtractionOptions()
+    opts.num_threads = threads
+    opts.use_gpu = False
+
+    def run(db, subset):
+        t = time.perf_counter()
+        pycolmap.extract_features(db, img_dir, image_names=subset, extraction_options=opts,
+                                  device=pycolmap.Device.cpu)
+        return time.perf_counter() - t
+
+    run(tmp / "warmup.db", names[:1])
+    total = run(tmp / "bench.db", names)
+    nfeat = None
+    try:
+        db = pycolmap.Database.open(str(tmp / "bench.db"))
+        try:
+            nfeat = db.num_keypoints() / max(db.num_images(), 1)
+        finally:
+            db.close()
+    except Exception as e:  # noqa: BLE001 - the count is informative only
+        logger.debug("could not count COLMAP features: %s", e)
+    return {"seconds_per_image": total / len(images), "images_per_s": len(images) / total,
+            "features_per_image": nfeat, "max_num_features": opts.sift.max_num_features}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", help="folder of images (default: ../shared strecha scene, else generated)")
+    ap.add_argument("--num", type=int, default=5, help="images to time (default 5)")
+    ap.add_argument("--max-image-size", type=int, default=1200, help="longest side (default 1200, ~1 MP)")
+    ap.add_argument("--model", default=None, help="ContextDesc model (default cd-sfm-v1, random weights if absent)")
+    ap.add_argument("--max-keypoints", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=256, help="patches per local-network call")
+    ap.add_argument("--xla", action="store_true", help="compile the models with XLA")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("cd_sfm").setLevel(logging.WARNING)
+
+    from cd_sfm.io import CdSfmError
+    from cd_sfm.models import registry
+    from cd_sfm.models.runner import available_cores, bf16_support
+
+    cores = available_cores()
+    images = load_images(args.images, args.num, args.max_image_size)
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        model = args.model or registry.DEFAULT_MODEL
+        try:
+            entry = registry.resolve(model)
+            model_label = f"{entry.name} ({'+'.join(entry.components)})"
+        except CdSfmError:
+            if args.model:
+                raise
+            model = random_model_folder(tmp)
+            model_label = "random weights (no trained model installed)"
+        results = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "cores": cores,
+                   "bf16_hardware": bf16_support(), "model": model_label,
+                   "image_size": list(images[0].shape[:2][::-1]), "num_images": len(images),
+                   "load_average": os.getloadavg()[0], "contextdesc": {}}
+        for prec in args.precisions.split(","):
+            r = bench_contextdesc(images, model, prec.strip(), args.xla, args.max_keypoints, args.batch_size)
+            results["contextdesc"][prec.strip()] = r
+        results["colmap_sift"] = bench_colmap(images, tmp, cores)
+    col = results["colmap_sift"]["seconds_per_image"]
+    w, h = results["image_size"]
+    print(f"\n{results['date']}  {results['cpu']}, {cores} cores, bf16 hardware: {results['bf16_hardware'] or 'none'}"
+          f"  (load average {results['load_average']:.1f})")
+    print(f"{len(images)} images {w}x{h} ({w * h / 1e6:.2f} MP), model: {model_label}, XLA: {args.xla}")
+    for prec, r in results["contextdesc"].items():
+        st = r["stages_per_image"]
+        print(f"ContextDesc {prec:>4} (ran {r['precision']}): {r['patches_per_s']:8.0f} patches/s, "
+              f"{r['images_per_s']:.3f} images/s, {r['seconds_per_image']:.3f} s/image "
+              f"({r['keypoints_per_image']:.0f} keypoints; detect {st['detect']:.3f}, patches {st['patches']:.3f}, "
+              f"local {st['local']:.3f}, regional {st['regional']:.3f}, augment {st['augment']:.3f} s)")
+        r["ratio_to_colmap"] = r["seconds_per_image"] / col
+    nf = results["colmap_sift"]["features_per_image"]
+    print(f"COLMAP SIFT (CPU, {cores} threads): {col:.3f} s/image, {1 / col:.3f} images/s"
+          + (f" ({nf:.0f} features)" if nf is not None else ""))
+    for prec, r in results["contextdesc"].items():
+        print(f"ratio ContextDesc {prec} / COLMAP SIFT: {r['ratio_to_colmap']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

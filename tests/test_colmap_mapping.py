@@ -1,0 +1,72 @@
+"""Mapping through pycolmap: incremental and global, options through pycolmap's option objects, the largest model as
+sparse/0, points.ply, statistics."""
+
+from __future__ import annotations
+
+import pycolmap
+import pytest
+from _colmap_synth import synthetic_scene, write_feature_files
+
+from cd_sfm.colmap import database, mapping
+from cd_sfm.io import CdSfmError, write_pairs
+from cd_sfm.synthetic import compare_to_ground_truth
+
+
+@pytest.fixture(scope="module")
+def verified_db(tmp_path_factory):
+    out = tmp_path_factory.mktemp("colmap_map")
+    rec = synthetic_scene(num_images=6, num_points=300, seed=5)
+    names, _ = write_feature_files(out, rec, seed=5)
+    database.main({"camera_mode": "single"}, out / "database.db", out / "features.h5", None, out / "pairs.txt",
+                  out / "matches.h5", verification={"ransac": {"random_seed": 0}})
+    (out / "images").mkdir()
+    return out, rec, names
+
+
+@pytest.mark.parametrize("mapper", ["incremental", "global"])
+def test_mapping_registers_all_and_matches_ground_truth(verified_db, tmp_path, mapper):
+    src, gt, names = verified_db
+    best, st = mapping.main({"mapper": mapper, "seed": 0}, src / "database.db", src / "images", tmp_path)
+    assert st["num_registered"] == len(names) and st["registered"] == names
+    assert st["num_points3D"] > 200 and st["mean_track_length"] > 2
+    assert st["mean_reprojection_error"] < 1.0
+    assert (tmp_path / "sparse" / "0" / "images.bin").exists() and (tmp_path / "points.ply").stat().st_size > 0
+    assert not list(tmp_path.glob(".sparse*")), "temporary model folders left behind"
+    back = pycolmap.Reconstruction(str(tmp_path / "sparse" / "0"))
+    assert back.num_reg_images() == len(names)
+    cmp = compare_to_ground_truth(back, gt, max_proj_center_error=0.5)
+    assert cmp["aligned"] and cmp["max_rotation_error_deg"] < 0.5
+    assert cmp["max_position_error"] < 0.01 * cmp["scene_radius"]
+
+
+def test_mapping_options_and_errors(verified_db, tmp_path):
+    src, _, _ = verified_db
+    opts = mapping.pipeline_options({"mapper": "incremental", "options": {"min_model_size": 3,
+                                                                          "mapper": {"init_min_num_inliers": 50}},
+                                     "seed": 7})
+    assert isinstance(opts, pycolmap.IncrementalPipelineOptions)
+    assert opts.min_model_size == 3 and opts.mapper.init_min_num_inliers == 50 and opts.random_seed == 7
+    assert isinstance(mapping.pipeline_options({"mapper": "global"}), pycolmap.GlobalPipelineOptions)
+    with pytest.raises(CdSfmError, match="not an attribute"):
+        mapping.pipeline_options({"options": {"bogus": 1}})
+    with pytest.raises(CdSfmError, match="mapper"):
+        mapping.pipeline_options({"mapper": "hierarchical-ish"})
+    with pytest.raises(CdSfmError, match="not found"):
+        mapping.main({}, tmp_path / "none.db", tmp_path, tmp_path)
+
+
+def test_largest_model_is_sparse_0(tmp_path):
+    """Two scenes with no pair between them: two models, the larger one written as sparse/0."""
+    _, true_big = write_feature_files(tmp_path, synthetic_scene(num_images=6, num_points=250, seed=11), seed=11,
+                                      prefix="big/")
+    _, true_small = write_feature_files(tmp_path, synthetic_scene(num_images=4, num_points=250, seed=12), seed=12,
+                                        prefix="small/")
+    write_pairs(tmp_path / "pairs.txt", list(true_big) + list(true_small))
+    database.main({"camera_mode": "per-folder"}, tmp_path / "database.db", tmp_path / "features.h5", None,
+                  tmp_path / "pairs.txt", tmp_path / "matches.h5", verification={})
+    best, st = mapping.main({"options": {"min_model_size": 3}}, tmp_path / "database.db", tmp_path, tmp_path)
+    assert st["num_models"] == 2 and st["num_registered"] == 6
+    assert all(n.startswith("big/") for n in st["registered"])
+    m0 = pycolmap.Reconstruction(str(tmp_path / "sparse" / "0"))
+    m1 = pycolmap.Reconstruction(str(tmp_path / "sparse" / "1"))
+    assert m0.num_reg_images() == 6 and m1.num_reg_images() == 4

@@ -1,0 +1,174 @@
+"""The pipeline: bad input (one-line errors before any work), rerun reuse, settings guard, summary, config presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+from cd_sfm import config as config_mod
+from cd_sfm import pipeline
+from cd_sfm.io import CdSfmError
+from cd_sfm.synthetic import render_scene
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return render_scene(tmp_path_factory.mktemp("pipe_scene"), num_images=6, num_points=300, width=640, height=480)
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_or_empty_image_folder(tmp_path):
+    with pytest.raises(CdSfmError) as e:
+        pipeline.reconstruct(tmp_path / "nope", tmp_path / "out")
+    assert "nope: image folder not found" in one_line(e)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(CdSfmError) as e:
+        pipeline.reconstruct(tmp_path / "empty", tmp_path / "out")
+    assert "no images found" in one_line(e)
+    (tmp_path / "file.jpg").write_bytes(b"")
+    with pytest.raises(CdSfmError, match="not a folder"):
+        pipeline.reconstruct(tmp_path / "file.jpg", tmp_path / "out")
+
+
+def test_output_not_writable_is_checked_before_any_work(scene, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(CdSfmError) as e:
+        pipeline.reconstruct(scene.image_dir, blocker / "out")
+    assert str(blocker / "out") in one_line(e)
+    with pytest.raises(CdSfmError, match="not a folder"):
+        pipeline.reconstruct(scene.image_dir, blocker)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(CdSfmError, match="not writable"):
+                pipeline.reconstruct(scene.image_dir, ro)
+        finally:
+            ro.chmod(0o700)
+        assert not (ro / "features.h5").exists()
+
+
+def test_fewer_than_two_usable_images(scene, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(scene.image_dir / scene.names[0], images / "good.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(CdSfmError) as e:
+        pipeline.reconstruct(images, tmp_path / "out")
+    msg = one_line(e)
+    assert "1 usable image(s) of 2" in msg and "broken.jpg" in msg
+    # what was computed is kept: the good image's features
+    assert (tmp_path / "out" / "features.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a run, a rerun, a guarded rerun
+
+
+def test_run_rerun_reuses_and_settings_guard(scene, tmp_path):
+    out = tmp_path / "out"
+    conf = {"camera_mode": "single", "features_options": {"max_keypoints": 2048}}
+    first = pipeline.reconstruct(scene.image_dir, out, conf, progress=False)
+    for f in ("database.db", "features.h5", "matches.h5", "pairs.txt", "points.ply", "summary.json", "config.yaml"):
+        assert (out / f).exists(), f
+    assert (out / "sparse" / "0" / "cameras.bin").exists()
+    s = json.loads((out / "summary.json").read_text())
+    assert s == json.loads(json.dumps(first))
+    assert s["num_images_found"] == s["num_images_used"] == 6 and s["num_images_registered"] == 6
+    assert s["skipped"] == {} and s["unregistered"] == []
+    assert s["features_extracted"] == 6 and s["pairs_matched"] == 15
+    for stage in ("extract", "pairs", "match", "database", "mapping", "total"):
+        assert s["seconds"][stage] >= 0
+    assert s["num_points3D"] > 100 and 2 <= s["mean_track_length"] and s["mean_reprojection_error"] < 2
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["camera_mode"] == "single" and saved["features_options"] == {"max_keypoints": 2048}
+
+    second = pipeline.reconstruct(scene.image_dir, out, conf, progress=False)
+    assert second["features_reused"] == 6 and second["features_extracted"] == 0
+    assert second["pairs_reused"] == 15 and second["pairs_matched"] == 0
+    assert second["num_images_registered"] == 6
+
+    with pytest.raises(CdSfmError) as e:  # other features into the same folder: refused, nothing lost
+        pipeline.reconstruct(scene.image_dir, out, {**conf, "features": "rootsift"}, progress=False)
+    assert "features.h5: made with other settings" in one_line(e) and "rootsift" in str(e.value)
+    assert yaml.safe_load((out / "config.yaml").read_text())["features"] == "sift"
+    # matching settings only make the matches stale
+    with pytest.raises(CdSfmError, match="matches.h5: made with other settings"):
+        pipeline.check_not_stale(out, config_mod.resolve({**conf, "matching": "NN-mutual"}), overwrite=False)
+    pipeline.check_not_stale(out, config_mod.resolve({**conf, "matching": "NN-mutual"}), overwrite=True)
+
+
+def test_format_summary_is_short_and_readable():
+    s = {"num_images_registered": 3, "num_images_used": 4, "num_images_found": 5, "skipped": {"x.jpg": "corrupt"},
+         "output_dir": "out", "num_points3D": 10, "mean_track_length": 2.5, "mean_reprojection_error": None,
+         "features_reused": 1, "pairs_reused": 2, "seconds": {"extract": 1.0, "total": 2.0},
+         "unregistered": ["d.jpg"]}
+    text = pipeline.format_summary(s)
+    assert "Registered 3 / 4 images" in text and "n/a" in text and "Skipped x.jpg: corrupt" in text
+    assert "Not registered: d.jpg" in text and len(text.splitlines()) <= 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config presets
+
+
+def test_presets_are_valid():
+    import pycolmap
+
+    from cd_sfm import matching
+    from cd_sfm.colmap import mapping, verify
+    from cd_sfm.features import extract
+
+    names = config_mod.available_presets()
+    assert {"default", "fast", "accurate", "large"} <= set(names)
+    default = config_mod.load_config("default")
+    assert config_mod.public(default) == config_mod.DEFAULTS  # default.yaml spells out the defaults
+    for name in names:
+        conf = config_mod.load_config(name)
+        assert conf["features"] in extract.confs
+        assert conf["matching"] in matching.confs
+        pipeline.feature_conf(conf)
+        pipeline.matching_conf(conf)
+        verify.two_view_options(conf["verification"])
+        opts = mapping.pipeline_options({"mapper": conf["mapper"], "options": conf["mapping_options"]})
+        assert isinstance(opts, (pycolmap.IncrementalPipelineOptions, pycolmap.GlobalPipelineOptions))
+        assert conf["camera_mode"] in ("auto", "single", "per-folder", "per-image")
+        assert conf["pairs"] in ("exhaustive", "sequential", "retrieval")
+
+
+def test_config_precedence_and_errors(tmp_path):
+    conf = config_mod.load_config("fast", {"max_image_size": 640, "mapper": None})
+    assert conf["max_image_size"] == 640 and conf["mapper"] == "incremental"  # None = not given
+    assert pipeline.feature_conf(conf)["max_image_size"] == 640
+    assert pipeline.feature_conf(conf)["options"]["max_keypoints"] == 4096  # from fast.yaml
+    path = tmp_path / "mine.yaml"
+    path.write_text("features: rootsift\npairs: sequential\noverlap: 3\n")
+    conf = config_mod.load_config(str(path))
+    assert (conf["features"], conf["pairs"], conf["overlap"], conf["camera_model"]) == (
+        "rootsift", "sequential", 3, "SIMPLE_RADIAL")
+    config_mod.save_config(conf, tmp_path / "saved.yaml")
+    assert config_mod.resolve(config_mod.read_saved(tmp_path / "saved.yaml")) == {**conf, "_preset": "dict"}
+    path.write_text("featurs: sift\n")
+    with pytest.raises(CdSfmError, match="unknown config key.*featurs"):
+        config_mod.load_config(str(path))
+    with pytest.raises(CdSfmError, match="unknown config preset"):
+        config_mod.load_config("no-such-preset")
+    path.write_text("- a list\n")
+    with pytest.raises(CdSfmError, match="mapping"):
+        config_mod.load_config(str(path))
