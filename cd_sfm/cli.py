@@ -77,7 +77,7 @@ def setup_logging(verbose: int, quiet: int) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="preset name (configs/NAME.yaml: default, fast, accurate, large) or a YAML file")
     p.add_argument("--overwrite", action="store_true", help="recompute features / matches already in OUT")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: COLMAP's too)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug output, with COLMAP's own log")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less log output, no progress bars")
 
 
@@ -215,17 +215,12 @@ def cmd_match(args) -> int:
 
 
 def cmd_sfm(args) -> int:
-    from .pipeline import check_image_dir, run_sfm
+    from .pipeline import format_summary, sfm_stage
 
     out_dir = Path(args.out)
     conf = _stage_prepare(args, out_dir)
-    names = _usable_names(check_image_dir(args.images), out_dir)
-    st = run_sfm(args.images, out_dir, conf, names=names)
-    ms = st["mapping"]
-    err = ms["mean_reprojection_error"]
-    print(f"Registered {ms['num_registered']} / {len(names)} images -> {out_dir / 'sparse' / '0'}; "
-          f"{ms['num_points3D']} 3D points, mean track length {ms['mean_track_length']:.2f}, "
-          f"mean reprojection error " + (f"{err:.3f} px" if err is not None else "n/a"))
+    summary = sfm_stage(args.images, out_dir, conf)
+    print(format_summary(summary))
     return 0
 
 

@@ -7,7 +7,8 @@ those of the in-process stages) and, later, the database. Per image / per pair t
 in-process stages (``features.extract``, ``matching.match_descriptors``), so the outputs are identical.
 
 Data reach the workers from a shared file system by default (a local cluster, or nodes mounting the same folders);
-``ship_data=True`` sends image bytes and descriptors from the driver instead, for clusters without one.
+``ship_data=True`` sends image bytes and descriptors from the driver instead, for clusters without one. Worker nodes
+need cd_sfm installed (or ``runtime_env``, e.g. ``{"pip": [...]}`` / ``{"py_modules": [...]}``, passed to Ray).
 
 Nothing here imports Ray until a function is called: Ray is the optional extra ``pip install 'cd_sfm[ray]'``.
 """
@@ -40,6 +41,7 @@ class RayConf:
     ship_data: bool = False  # send image bytes / descriptors from the driver (no shared file system)
     match_batch: int = 32  # pairs per matching task
     num_cpus: int | None = None  # CPUs of a local cluster started here (default: all)
+    runtime_env: dict | None = None  # Ray runtime_env for a remote cluster, e.g. {"pip": ["cd_sfm[ray]"]}
 
     @classmethod
     def from_any(cls, conf: "RayConf | dict | str | None") -> "RayConf":
@@ -83,7 +85,7 @@ def init(conf: RayConf | dict | str | None = None):
             ray.init(**local)
     else:
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=conf.runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise CdSfmError(f"--ray {address}: cannot connect to a Ray cluster ({e})") from e
     return ray

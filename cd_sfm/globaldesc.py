@@ -51,6 +51,7 @@ class GlobalConf:
     gem_p: float = 3.0
     rmac_levels: int = 3
     max_size: int = 1024  # longest image side fed to the regional network
+    regional_model: str | None = None  # registry model holding the regional weights (default: see load_regional_model)
     # local aggregation
     num_clusters: int = 64
     sample_per_image: int = 256  # descriptors drawn from each image for the codebook
@@ -179,6 +180,18 @@ def assign(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> np.ndarray
     return out
 
 
+def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (k, D) and counts (k,) of the rows of ``x``: one sort and a segmented sum, O(n D) (no (n, k)
+    one-hot matrix, no scatter-add)."""
+    counts = np.bincount(labels, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sums = np.zeros((k, x.shape[1]), np.float32)
+    nz = counts > 0
+    if nz.any():
+        sums[nz] = np.add.reduceat(x[np.argsort(labels, kind="stable")], starts[nz], axis=0)
+    return sums, counts.astype(np.float32)
+
+
 def kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, tol: float = 1e-6) -> np.ndarray:
     """Lloyd's k-means with a k-means++ start; deterministic for a given ``seed``. Returns (k, D) float32 centres.
 
@@ -203,9 +216,7 @@ def kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, tol: float = 1
     prev = np.inf
     for _ in range(iters):
         lab = assign(x, centers)
-        counts = np.bincount(lab, minlength=k).astype(np.float32)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, lab, x)  # (n, D) scatter once per iteration; n is the sample size, not the collection's
+        sums, counts = cluster_sums(x, lab, k)
         empty = counts == 0
         new = sums / np.maximum(counts, 1)[:, None]
         dist = np.einsum("nd,nd->n", x - new[lab], x - new[lab])
@@ -235,11 +246,8 @@ def aggregate_residuals(desc: np.ndarray, centers: np.ndarray) -> tuple[np.ndarr
     if len(desc) == 0:
         return np.zeros_like(centers), np.zeros(k, np.float32)
     lab = assign(desc, centers)
-    onehot = np.zeros((len(desc), k), np.float32)
-    onehot[np.arange(len(desc)), lab] = 1.0
-    counts = onehot.sum(0)
-    res = onehot.T @ desc - counts[:, None] * centers
-    return res, counts
+    sums, counts = cluster_sums(desc, lab, k)
+    return sums - counts[:, None] * centers, counts
 
 
 def vlad(desc: np.ndarray, centers: np.ndarray, power: float = 0.5) -> np.ndarray:
@@ -294,7 +302,7 @@ def model_path(global_path: str | Path) -> Path:
 
 def _model_signature(conf: GlobalConf) -> dict:
     keep = ["method", "num_clusters", "sample_per_image", "max_samples", "kmeans_iters", "seed", "power", "pca_dim",
-            "pca_whiten", "asmk_alpha", "asmk_threshold", "gem_p", "rmac_levels", "max_size"]
+            "pca_whiten", "asmk_alpha", "asmk_threshold", "gem_p", "rmac_levels", "max_size", "regional_model"]
     d = asdict(conf)
     return {k: d[k] for k in keep}
 
@@ -516,20 +524,71 @@ def _regional_source(conf: GlobalConf, names: Sequence[str], features_path: Path
 _REGIONAL_MODEL = None
 
 
-def _regional_map(conf: GlobalConf, image_dir: Path, name: str) -> np.ndarray:
-    """res5c map (h, w, 2048) of one image from the regional ResNet50 (loaded once)."""
+def load_regional_model(model: str | None = None):
+    """The regional ResNet50 with its weights, loaded once per process (TensorFlow is imported only here).
+
+    Looks in the model registry (``cd_sfm.models.registry``) for regional weights: the named ``model``, else the
+    default ContextDesc model, else the official ``retrieval`` model (``cd-sfm models download retrieval``). A
+    ``cd_sfm.models.regional.load_regional_model()``, when the models package offers one, takes precedence. Without
+    weights: ``CdSfmError`` pointing to the local fallback (``--retrieval local``)."""
     global _REGIONAL_MODEL
-    from .models import regional  # TensorFlow is imported only on this path
+    if _REGIONAL_MODEL is not None:
+        return _REGIONAL_MODEL
+    from .models import regional
 
-    if _REGIONAL_MODEL is None:
+    loader = getattr(regional, "load_regional_model", None)
+    if loader is not None:
         try:
-            _REGIONAL_MODEL = regional.load_regional_model()
-        except (FileNotFoundError, KeyError, OSError) as e:
+            _REGIONAL_MODEL = loader()
+            return _REGIONAL_MODEL
+        except (FileNotFoundError, KeyError, OSError, CdSfmError) as e:
             raise CdSfmError(f"regional ResNet50 weights unavailable ({e}); use --retrieval local") from e
-    from . import images as images_mod
+    from .models import registry
 
+    tried = []
+    for name in dict.fromkeys([model, registry.DEFAULT_MODEL, "retrieval"]):
+        if name is None:
+            continue
+        try:
+            entry = registry.resolve(name, require_local=False)
+        except CdSfmError:
+            tried.append(name)
+            continue
+        if entry.path("regional") is None:
+            tried.append(name)
+            continue
+        _REGIONAL_MODEL = registry.load_keras_models(entry, ("regional",))["regional"]
+        logger.info("Regional ResNet50 for retrieval: weights of model %r", name)
+        return _REGIONAL_MODEL
+    raise CdSfmError(f"no regional ResNet50 weights (looked in models {', '.join(tried)}; get them with "
+                     "`cd-sfm models download retrieval`); use --retrieval local")
+
+
+def retrieval_preset(kind: str = "auto") -> str:
+    """The preset behind ``--retrieval``: ``regional`` -> "gem", ``local`` -> "vlad", ``auto`` -> "gem" when the
+    regional weights can be loaded, else "vlad" (logged)."""
+    if kind in RETRIEVAL_PRESETS:
+        return RETRIEVAL_PRESETS[kind]
+    if kind != "auto":
+        raise CdSfmError(f"--retrieval must be regional, local or auto, not {kind!r}")
+    try:
+        load_regional_model()
+        return RETRIEVAL_PRESETS["regional"]
+    except (CdSfmError, ImportError) as e:
+        logger.info("Retrieval from the images' own local descriptors (VLAD): %s", e)
+        return RETRIEVAL_PRESETS["local"]
+
+
+def _regional_map(conf: GlobalConf, image_dir: Path, name: str) -> np.ndarray:
+    """res5c map (h, w, 2048) of one image (RGB, longest side <= ``max_size``) from the regional ResNet50."""
+    from . import images as images_mod
+    from .models import regional
+
+    model = load_regional_model(conf.regional_model)
     image, _ = images_mod.read_image(image_dir / name)
-    return np.asarray(regional.regional_map(_REGIONAL_MODEL, image, max_size=conf.max_size))
+    out = model(regional.prepare_image(image, conf.max_size), training=False)
+    fmap = out["res5c"] if isinstance(out, dict) else out
+    return np.asarray(fmap)[0]
 
 
 def read_global(global_path: str | Path, names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
@@ -554,4 +613,4 @@ def read_global(global_path: str | Path, names: Sequence[str] | None = None) -> 
 
 
 __all__: Iterable[str] = ["GlobalConf", "confs", "main", "read_global", "gem", "rmac", "vlad", "asmk_vector",
-                          "asmk_similarity", "kmeans", "load_model", "RETRIEVAL_PRESETS"]
+                          "asmk_similarity", "kmeans", "load_model", "RETRIEVAL_PRESETS", "retrieval_preset"]

@@ -54,6 +54,7 @@ DEFAULT_CONF = {
     "cache_mb": 1024,  # LRU cache of normalised descriptors
     "block_rows": 2048,  # rows of the similarity matrix computed at once (memory: block_rows * N1 * 4 bytes)
     "num_workers": 1,  # threads matching pairs of a batch in parallel (BLAS already uses all cores)
+    "cross_ratio": False,  # ratio test both ways (COLMAP's cross check); see match_descriptors
 }
 
 
@@ -99,13 +100,16 @@ def match_descriptors(
     metric: str = "l2",
     normalized: bool = False,
     block_rows: int = 2048,
+    cross_ratio: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Match descriptors ``d0`` (N0, D) to ``d1`` (N1, D) by nearest neighbour of their L2-normalised forms.
 
     A nearest neighbour j of i is kept when (all that apply): ``dist(i, j) < ratio * dist(i, second nearest)``
     (passes when N1 == 1), ``dist(i, j) <= distance_threshold``, and i is j's nearest neighbour (``mutual``).
     ``metric`` is "l2" (Euclidean) or "angle" (radians). The similarity matrix is computed ``block_rows`` rows at
-    a time. ``normalized``: the inputs already have unit rows (float32).
+    a time. ``normalized``: the inputs already have unit rows (float32). ``cross_ratio``: the ratio test must also
+    pass the other way (j's nearest neighbour i against j's second nearest in ``d0``), as COLMAP's cross check does;
+    it drops ambiguous matches on repeated structures.
 
     Returns ``matches0`` (N0,) int32 (-1 = unmatched) and ``scores0`` (N0,) float32 = (cosine + 1) / 2 (0 unmatched).
     """
@@ -151,6 +155,14 @@ def match_descriptors(
         mutual_ok = np.zeros(n0, bool)
         mutual_ok[cand[first]] = True
         keep &= mutual_ok
+    if cross_ratio and ratio is not None and n0 > 1:
+        # second nearest of each kept j among the rows of d0 (i excluded), for the kept matches only
+        cand = np.flatnonzero(keep)
+        for start in range(0, len(cand), block_rows):
+            c = cand[start : start + block_rows]
+            cols = d0 @ d1[nn[c]].T  # (N0, len(c))
+            cols[c, np.arange(len(c))] = -np.inf
+            keep[c] &= dist[c] < ratio * _distance(cols.max(0), metric)
     matches0[keep] = nn[keep]
     scores0[keep] = (np.clip(best[keep], -1.0, 1.0) + 1.0) / 2.0
     return matches0, scores0
@@ -262,7 +274,8 @@ def main(
     total_matches = 0
     if todo:
         opts = dict(ratio=conf["ratio"], mutual=conf["mutual"], distance_threshold=conf["distance_threshold"],
-                    metric=conf["metric"], normalized=True, block_rows=int(conf["block_rows"]))
+                    metric=conf["metric"], normalized=True, block_rows=int(conf["block_rows"]),
+                    cross_ratio=bool(conf.get("cross_ratio", False)))
         with h5py.File(features_path, "r", libver="latest") as hfile:
             # size the tiles so that two tiles of images fit in the cache
             shape = hfile[todo[0][0]]["descriptors"].shape

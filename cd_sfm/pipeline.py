@@ -22,7 +22,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from . import config as config_mod
 from .io import CdSfmError, atomic_write_text, list_h5_names
@@ -200,8 +199,9 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
                              out_dir / MATCHES, image_names=names, verification=verification)
     seconds["database"] = time.perf_counter() - t
     t = time.perf_counter()
-    rec, map_stats = mapping.main({"mapper": conf["mapper"], "options": conf.get("mapping_options") or {},
-                                   "seed": conf.get("seed")}, out_dir / DATABASE, image_dir, out_dir)
+    rec, map_stats = mapping.main({"mapper": conf["mapper"], "options": conf.get(f"{conf['mapper']}_options") or {},
+                                   "seed": conf.get("seed"), "retries": conf.get("mapping_retries", 1)},
+                                  out_dir / DATABASE, image_dir, out_dir)
     seconds["mapping"] = time.perf_counter() - t
     return {"database": db_stats, "mapping": map_stats, "seconds": seconds, "reconstruction": rec}
 
@@ -248,15 +248,27 @@ def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | N
     seconds.update(sfm["seconds"])
     seconds["total"] = time.perf_counter() - t_start
 
+    summary = make_summary(image_dir, out_dir, conf, ex["found"], used, skipped, sfm, seconds, num_pairs=len(pairs))
+    summary.update(features_extracted=ex["extracted"], features_reused=ex["reused"], pairs_matched=mt["matched"],
+                   pairs_reused=mt["reused"])
+    write_summary(out_dir, summary)
+    logger.info("Registered %d / %d images in %.1f s; summary in %s", summary["num_images_registered"], len(used),
+                seconds["total"], out_dir / "summary.json")
+    return summary
+
+
+def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], used: list[str],
+                 skipped: dict[str, str], sfm: dict, seconds: dict[str, float], num_pairs: int | None = None) -> dict:
+    """The run's summary (see ``summary.json`` in the README)."""
     ms = sfm["mapping"]
     registered = set(ms["registered"])
-    summary: dict[str, Any] = {
+    return {
         "image_dir": str(image_dir),
         "output_dir": str(out_dir),
         "config": conf.get("_preset"),
         "features": conf["features"],
         "mapper": conf["mapper"],
-        "num_images_found": len(ex["found"]),
+        "num_images_found": len(found),
         "num_images_used": len(used),
         "num_images_registered": len(registered),
         "unregistered": [n for n in used if n not in registered],
@@ -265,17 +277,39 @@ def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | N
         "num_points3D": ms["num_points3D"],
         "mean_track_length": ms["mean_track_length"],
         "mean_reprojection_error": ms["mean_reprojection_error"],
-        "num_pairs": len(pairs),
+        "num_pairs": num_pairs if num_pairs is not None else sfm["database"]["num_pairs"],
         "num_verified_pairs": (sfm["database"].get("verification") or {}).get("num_verified_pairs", 0),
-        "features_extracted": ex["extracted"],
-        "features_reused": ex["reused"],
-        "pairs_matched": mt["matched"],
-        "pairs_reused": mt["reused"],
+        "mapping_attempts": ms.get("attempts", 1),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    logger.info("Registered %d / %d images in %.1f s; summary in %s", len(registered), len(used), seconds["total"],
-                out_dir / "summary.json")
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict) -> dict:
+    """The ``sfm`` subcommand: database, verification and mapping from the files already in ``out_dir``, with a
+    summary (without the extraction / matching counts, which belong to their stages)."""
+    from .images import list_images
+
+    t_start = time.perf_counter()
+    image_dir, out_dir = check_image_dir(image_dir), Path(out_dir)
+    if not (out_dir / FEATURES).exists():
+        raise CdSfmError(f"{out_dir / FEATURES}: not found (run the extract stage first)")
+    skipped: dict[str, str] = {}
+    found = list_images(image_dir, skipped=skipped)
+    counts = keypoint_counts(out_dir / FEATURES, [n for n in found if n not in skipped])
+    for n in found:
+        if n not in skipped and counts.get(n, 0) == 0:
+            skipped[n] = "no keypoints found" if n in counts else "no features"
+    used = [n for n in found if n not in skipped]
+    if len(used) < 2:
+        raise CdSfmError(f"{out_dir / FEATURES}: features of {len(used)} image(s) of {image_dir}, need at least 2")
+    sfm = run_sfm(image_dir, out_dir, conf, names=used)
+    seconds = {**sfm["seconds"], "total": time.perf_counter() - t_start}
+    summary = make_summary(image_dir, out_dir, conf, found, used, skipped, sfm, seconds)
+    write_summary(out_dir, summary)
     return summary
 
 
@@ -287,8 +321,8 @@ def format_summary(s: dict) -> str:
         f"({s['num_images_found']} found, {len(s.get('skipped') or {})} skipped) -> {s['output_dir']}/sparse/0",
         f"{s['num_points3D']} 3D points, mean track length {s['mean_track_length']:.2f}, mean reprojection error "
         + (f"{err:.3f} px" if err is not None else "n/a"),
-        f"Reused {s.get('features_reused', 0)} image features and {s.get('pairs_reused', 0)} pair matches; "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
+        (f"Reused {s['features_reused']} image features and {s.get('pairs_reused', 0)} pair matches; "
+         if "features_reused" in s else "") + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
     ]
     if s.get("unregistered"):
         more = f" (+{len(s['unregistered']) - 5} more)" if len(s["unregistered"]) > 5 else ""

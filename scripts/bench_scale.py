@@ -15,8 +15,8 @@ pair strategy:
   time per pair times the number of pairs (``~``); its peak memory is that of the sample (bounded by the descriptor
   cache, independent of N).
 * database: ``colmap.database.main`` (keypoints of every image + raw matches of every pair) measured in a child process
-  when the pair count is at most ``--max-db-pairs``, otherwise from a linear model time = a N + b pairs (and memory
-  likewise) fitted on the measured runs (``~``).
+  when the pair count is at most ``--max-db-pairs``, otherwise from a linear model time = c + a N + b pairs (and
+  memory likewise) fitted on the measured runs and an exhaustive calibration run (``~``).
 
 The table prints time and peak memory per stage, N and strategy, the exhaustive / retrieval ratios, and the growth
 exponent e of each series (least-squares fit of time ~ N^e over the Ns): about 2 for exhaustive, about 1 for
@@ -281,12 +281,12 @@ def main() -> None:
         print(f"  database N={n} {s}: {r['seconds']:.2f}s, {r['pairs']} pairs", flush=True)
         for f in (mpath, work / f"db-{s}-{n}.db"):
             f.unlink(missing_ok=True)
-    a_mat = np.array([[nn, pp] for nn, pp, _ in db_runs], float)
+    a_mat = np.array([[1.0, nn, pp] for nn, pp, _ in db_runs], float)
     for key in ("seconds", "tracemalloc_mb", "rss_mb"):
         coef, *_ = np.linalg.lstsq(a_mat, np.array([r[key] for *_, r in db_runs]), rcond=None)
         for (s, n), p in npairs.items():
             if (s, n) not in res["database"] or res["database"][(s, n)].get("fitted"):
-                res["database"].setdefault((s, n), {"fitted": True})[key] = max(0.0, coef[0] * n + coef[1] * p)
+                res["database"].setdefault((s, n), {"fitted": True})[key] = max(0.0, coef[0] + coef[1] * n + coef[2] * p)
 
     # ---- report
     def fmt(d, key):

@@ -14,8 +14,9 @@ v1 = tf.compat.v1
 
 
 class _Vars:
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, decomposed_bn: bool = False):
         self.rng = np.random.default_rng(seed)
+        self.decomposed_bn = decomposed_bn  # tf.nn.batch_normalization (Mul + Add) instead of FusedBatchNorm
 
     def var(self, name, value):
         return v1.get_variable(name, initializer=np.asarray(value, np.float32), use_resource=False)
@@ -39,7 +40,10 @@ class _Vars:
                 beta = self.var("beta", self.rng.normal(0, 0.1, c))
             else:
                 gamma, beta = tf.ones([c]), tf.zeros([c])
-            y, _, _ = v1.nn.fused_batch_norm(x, gamma, beta, mean, var, epsilon=1e-5, is_training=False)
+            if self.decomposed_bn:
+                y = tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-5)
+            else:
+                y, _, _ = v1.nn.fused_batch_norm(x, gamma, beta, mean, var, epsilon=1e-5, is_training=False)
         return tf.nn.relu(y) if relu else y
 
     def conv_bn(self, x, name, k, cout, stride=1, padding="SAME", relu=True):
@@ -59,10 +63,10 @@ def _cn(x, eps=1e-5):
     return (x - mean) / tf.sqrt(var + eps)
 
 
-def build_local_graph(path, seed: int = 0):
+def build_local_graph(path, seed: int = 0, decomposed_bn: bool = False):
     g = tf.Graph()
     with g.as_default():
-        V = _Vars(seed)
+        V = _Vars(seed, decomposed_bn)
         inp = v1.placeholder(tf.float32, (None, 32, 32, 1), name="input")
         mean, var = tf.nn.moments(inp, axes=[1, 2, 3], keepdims=True)
         x = (inp - mean) / tf.sqrt(var + 1e-5)
@@ -86,11 +90,12 @@ def build_local_graph(path, seed: int = 0):
     return _freeze(g, ["conv6_feat", "kpt_mb", "l2norm_feat"], path)
 
 
-def build_augment_graph(path, seed: int = 0, uniform_weights: bool = False, visual: bool = True):
+def build_augment_graph(path, seed: int = 0, uniform_weights: bool = False, visual: bool = True,
+                        decomposed_bn: bool = False):
     """``uniform_weights`` clamps the negated top-k values as in the authors' code (all weights 1/3)."""
     g = tf.Graph()
     with g.as_default():
-        V = _Vars(seed)
+        V = _Vars(seed, decomposed_bn)
         with tf.name_scope("input"):
             local = v1.placeholder(tf.float32, (1, None, 128), name="local_feat")
             regional = v1.placeholder(tf.float32, (1, None, None, 2048), name="regional_feat")
@@ -135,11 +140,12 @@ def build_augment_graph(path, seed: int = 0, uniform_weights: bool = False, visu
     return _freeze(g, ["l2norm"], path)
 
 
-def build_regional_graph(path, seed: int = 0, conv1_bias: bool = True, affine: bool = True):
+def build_regional_graph(path, seed: int = 0, conv1_bias: bool = True, affine: bool = True,
+                         decomposed_bn: bool = False):
     """Caffe-converted style: a bias on conv1 and affine batch norms (both folded by the importer)."""
     g = tf.Graph()
     with g.as_default():
-        V = _Vars(seed)
+        V = _Vars(seed, decomposed_bn)
         inp = v1.placeholder(tf.float32, (1, None, None, 3), name="input")
         x = inp - tf.constant([124.0, 117.0, 104.0])
 

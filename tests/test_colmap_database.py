@@ -161,7 +161,8 @@ def test_verify_standalone_on_all_matched_pairs(scene, tmp_path):
     db_path = tmp_path / "database.db"
     database.main({}, db_path, out / "features.h5", None, out / "pairs.txt", out / "matches.h5")
     st = verify.main({"min_num_inliers": 20, "ransac": {"max_error": 2.0, "random_seed": 1}}, db_path)
-    assert st["num_verified_pairs"] == 10 and st["num_inlier_matches"] > 0.95 * sum(len(v) for v in true.values())
+    assert st["num_pairs_checked"] == st["num_verified_pairs"] == 10
+    assert st["num_inlier_matches"] > 0.95 * sum(len(v) for v in true.values())
     with pytest.raises(CdSfmError, match="TwoViewGeometryOptions"):
         verify.two_view_options({"no_such_option": 1})
 

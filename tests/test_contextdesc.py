@@ -78,10 +78,17 @@ def test_geometric_only_said_once(rnd_model, caplog):
 
 
 def test_fixed_shapes_no_retrace(rnd_model):
-    b = ContextDescBackend(model=str(rnd_model), max_keypoints=256)
-    for h, w, seed in ((200, 260, 2), (260, 180, 3), (120, 150, 4)):
+    b = ContextDescBackend(model=str(rnd_model), max_keypoints=256, batch_size=256)
+    assert b.runner._chunk_sizes(600) == [(256, 256), (256, 256), (88, 128)]
+    assert b.runner._chunk_sizes(31) == [(31, 32)]
+    sizes = ((200, 260, 2), (260, 180, 3), (120, 150, 4), (240, 320, 5), (90, 100, 6))
+    for h, w, seed in sizes:
         b.extract(generated_image(h, w, seed=seed))
-    assert b.runner._local.experimental_get_tracing_count() == 1
+    traces = b.runner._local.experimental_get_tracing_count()
+    assert traces <= 4  # one per bucket size (256, 128, 64, 32) at most, ever
+    for h, w, seed in sizes:
+        b.extract(generated_image(h, w, seed=seed + 10))
+    assert b.runner._local.experimental_get_tracing_count() <= 4
     assert b.runner._augment.experimental_get_tracing_count() == 1
 
 
@@ -91,10 +98,19 @@ def test_max_image_size_reports_original_coordinates(rnd_model, image):
     assert f["keypoints"][:, 0].max() > 160  # scaled back to the full-size image
 
 
+def _shipped_or_skip():
+    try:
+        return str(registry.resolve(registry.DEFAULT_MODEL).folder)
+    except CdSfmError:
+        pytest.skip("no trained model shipped yet")
+
+
 @pytest.mark.skipif(bf16_support() is None, reason="CPU without AMX / AVX512-BF16")
-def test_bf16_close_to_fp32(rnd_model, image):
-    f32 = ContextDescBackend(model=str(rnd_model), max_keypoints=300).extract_with_local(image)
-    b16 = ContextDescBackend(model=str(rnd_model), max_keypoints=300, precision="bf16")
+@pytest.mark.parametrize("which", ["random", "shipped"])
+def test_bf16_close_to_fp32(rnd_model, image, which):
+    model = str(rnd_model) if which == "random" else _shipped_or_skip()
+    f32 = ContextDescBackend(model=model, max_keypoints=300).extract_with_local(image)
+    b16 = ContextDescBackend(model=model, max_keypoints=300, precision="bf16")
     assert b16.runner.precision == "bf16"
     f16 = b16.extract_with_local(image)
     for key in ("descriptors", "local_descriptors"):
@@ -229,3 +245,13 @@ def test_download_official_release(server, home, official_graphs, monkeypatch):
     assert entry.name == "contextdesc++" and entry.source == "official"
     assert entry.components == ["local", "augment"] and entry.info["parity"]["local"] < 1e-5
     assert registry.resolve("contextdesc_pp").folder == entry.folder
+
+
+def test_model_without_augmentation_weights_gives_raw_local(tmp_path, image, caplog):
+    save_weights_npz(build_local_model(), tmp_path / "local.npz")
+    cd_mod._SAID.clear()
+    with caplog.at_level(logging.WARNING, logger="cd_sfm"):
+        b = ContextDescBackend(model=str(tmp_path), max_keypoints=100)
+    assert "no augmentation weights" in caplog.text and not b.runner.has_augment
+    f = b.extract_with_local(image)
+    assert np.allclose(f["descriptors"], f["local_descriptors"])

@@ -49,6 +49,14 @@ def test_check_parity_local_and_augment_together(graphs):
     assert res["local"] < 1e-5 and res["augment"] < 1e-5
 
 
+def test_decomposed_batch_norm_graphs(tmp_path):
+    """Batch norms written as tf.nn.batch_normalization (x * a + c, as Keras or hand-written graphs have them)."""
+    loc = build_local_graph(tmp_path / "loc.pb", seed=7, decomposed_bn=True)
+    aug = build_augment_graph(tmp_path / "aug.pb", seed=8, decomposed_bn=True)
+    res = frozen.check_parity(local_pb=loc, aug_pb=aug, n=64)
+    assert res["local"] < 1e-5 and res["augment"] < 1e-5
+
+
 def test_wrong_graph_is_a_clear_error(graphs):
     with pytest.raises(frozen.FrozenImportError, match="l2norm"):
         frozen.import_augment(graphs["local"])
@@ -99,3 +107,31 @@ def test_regional_import_parity_full_size(tmp_path):
     img = frozen.generated_image(768, 1024, seed=2).astype(np.float32)
     d, rel = frozen.parity_regional(pb, model, img)
     assert rel < 1e-5, (d, rel)
+
+
+def test_graph_frozen_from_keras_tf2(tmp_path):
+    """Another construction path: our Keras model traced by tf.function and frozen with
+    convert_variables_to_constants_v2 (decomposed batch norms, Keras op names), official interface names."""
+    import keras
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from cd_sfm.models.local import build_local_model
+
+    rng = np.random.default_rng(3)
+    src = build_local_model()
+    for layer in src.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.set_weights([rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 1), tf.float32, name="input")])
+    def f(x):
+        o = src(x, training=False)
+        return {"conv6_feat": tf.identity(o["conv6_feat"], name="conv6_feat"),
+                "kpt_mb": tf.identity(o["kpt_mb"], name="kpt_mb")}
+
+    pb = tmp_path / "keras_loc.pb"
+    pb.write_bytes(convert_variables_to_constants_v2(f.get_concrete_function()).graph.as_graph_def()
+                   .SerializeToString())
+    assert frozen.check_parity(local_pb=pb, n=64)["local"] < 1e-5

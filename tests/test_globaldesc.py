@@ -191,3 +191,48 @@ def test_errors(tmp_path):
         gd.main("vlad", tmp_path / "g.h5", features_path=tmp_path / "missing.h5", names=["a.jpg"])
     with pytest.raises(CdSfmError, match="global descriptors not found"):
         gd.read_global(tmp_path / "nope.h5")
+
+
+@pytest.mark.slow  # TensorFlow import + ResNet50 build and weight file: ~15 s
+def test_regional_stage_runs_the_network(tmp_path, monkeypatch):
+    """The regional ResNet50 found through the model registry (random weights here: the plumbing, not the accuracy)
+    on two small images."""
+    pytest.importorskip("tensorflow")
+    import cv2
+
+    from cd_sfm.models import registry, regional
+    from cd_sfm.models.weights import save_weights_npz
+
+    monkeypatch.setenv(registry.ENV_HOME, str(tmp_path / "home"))
+    monkeypatch.delattr(regional, "load_regional_model", raising=False)
+    monkeypatch.setattr(gd, "_REGIONAL_MODEL", None)
+    folder = registry.models_dir() / "retrieval"
+    folder.mkdir(parents=True)
+    (folder / "info.json").write_text("{}")
+    save_weights_npz(regional.build_regional_model(), folder / registry.WEIGHT_FILES["regional"])
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(images / f"im{i}.png"), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    assert gd.retrieval_preset("auto") == "gem"
+    out = tmp_path / "g.h5"
+    gd.main({"method": "gem", "max_size": 64}, out, image_dir=images)
+    names, desc = gd.read_global(out)
+    assert names == ["im0.png", "im1.png"] and desc.shape == (2, regional.FEATURE_DIM)
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1, atol=1e-2)
+
+
+def test_regional_without_weights_points_to_local(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    from cd_sfm.models import registry, regional
+
+    monkeypatch.setenv(registry.ENV_HOME, str(tmp_path / "home"))
+    monkeypatch.setattr(registry, "PACKAGE_WEIGHTS", tmp_path / "no-shipped-weights")
+    monkeypatch.delattr(regional, "load_regional_model", raising=False)
+    monkeypatch.setattr(gd, "_REGIONAL_MODEL", None)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(CdSfmError, match="--retrieval local"):
+        gd.main("gem", tmp_path / "g.h5", names=["a.png"], image_dir=tmp_path)
+    assert gd.retrieval_preset("auto") == "vlad"
+    assert gd.retrieval_preset("local") == "vlad" and gd.retrieval_preset("regional") == "gem"

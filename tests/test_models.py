@@ -99,3 +99,25 @@ def test_regional_shape_and_no_final_relu():
     assert {"conv1", "bn_conv1", "res2a_branch1", "bn5c_branch2c", "res5c"} <= names
     big = prepare_image(np.zeros((1500, 2000, 3), np.uint8), max_size=1024)
     assert big.shape == (1, 768, 1024, 3)
+
+
+def test_folded_inference_form_equals_model(local_model):
+    from cd_sfm.models.fold import fold_batchnorm
+
+    rng = np.random.default_rng(5)
+    for layer in local_model.layers:  # non-trivial batch-norm statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.set_weights([rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+    folded = build_local_model(fold_bn=True)
+    assert fold_batchnorm(local_model, folded) == 9
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    p = rng.normal(0, 1, (6, 32, 32, 1)).astype(np.float32)
+    a, b = local_model(p), folded(p)
+    assert np.abs(np.asarray(a["conv6_feat"]) - np.asarray(b["conv6_feat"])).max() < 1e-4
+    assert np.abs(np.asarray(a["kpt_mb"]) - np.asarray(b["kpt_mb"])).max() < 1e-5
+    reg, reg_f = build_regional_model(), build_regional_model(fold_bn=True)
+    assert fold_batchnorm(reg, reg_f) == 53
+    img = prepare_image(rng.integers(0, 255, (64, 64, 3)).astype(np.uint8))
+    ra, rb = np.asarray(reg(img)["res5c"]), np.asarray(reg_f(img)["res5c"])
+    assert np.abs(ra - rb).max() <= 1e-5 * max(1.0, np.abs(ra).max())

@@ -17,7 +17,8 @@ from cd_sfm.synthetic import render_scene
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    return render_scene(tmp_path_factory.mktemp("pipe_scene"), num_images=6, num_points=300, width=640, height=480)
+    return render_scene(tmp_path_factory.mktemp("pipe_scene"), num_images=6, num_points=200, width=640, height=480,
+                        patch_radius=12)
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -146,8 +147,10 @@ def test_presets_are_valid():
         pipeline.feature_conf(conf)
         pipeline.matching_conf(conf)
         verify.two_view_options(conf["verification"])
-        opts = mapping.pipeline_options({"mapper": conf["mapper"], "options": conf["mapping_options"]})
-        assert isinstance(opts, (pycolmap.IncrementalPipelineOptions, pycolmap.GlobalPipelineOptions))
+        opts = mapping.pipeline_options({"mapper": "incremental", "options": conf["incremental_options"]})
+        assert isinstance(opts, pycolmap.IncrementalPipelineOptions)
+        opts = mapping.pipeline_options({"mapper": "global", "options": conf["global_options"]})
+        assert isinstance(opts, pycolmap.GlobalPipelineOptions)
         assert conf["camera_mode"] in ("auto", "single", "per-folder", "per-image")
         assert conf["pairs"] in ("exhaustive", "sequential", "retrieval")
 

@@ -37,7 +37,7 @@ def test_blockwise_topk_equals_brute_force(block):
     np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, idx, 1), rtol=1e-5)
 
 
-def test_topk_never_builds_the_full_matrix():
+def test_topk_never_builds_the_full_matrix(monkeypatch):
     rng = np.random.default_rng(0)
     x = gd.l2_normalize(rng.normal(size=(300, 8)))
     shapes = []
@@ -48,6 +48,12 @@ def test_topk_never_builds_the_full_matrix():
 
     retrieval.topk_neighbors(x, 3, block_size=32, similarity=sim)
     assert max(shapes) <= 32 * 300 < 300 * 300
+    # a large collection shrinks the block so that one block stays under MAX_BLOCK_ELEMENTS
+    shapes.clear()
+    monkeypatch.setattr(retrieval, "MAX_BLOCK_ELEMENTS", 3000)
+    idx, _ = retrieval.topk_neighbors(x, 3, block_size=1024, similarity=sim)
+    assert max(shapes) <= 3000
+    np.testing.assert_array_equal(idx, brute_topk(x, 3))
     # k larger than the collection: everything but itself
     idx, _ = retrieval.topk_neighbors(x[:4], 10)
     assert idx.shape == (4, 3) and all(i not in row for i, row in enumerate(idx))
@@ -113,3 +119,27 @@ def test_errors(tmp_path):
         retrieval.main({"num_neighbors": 0}, None, gpath, tmp_path / "p.txt")
     with pytest.raises(CdSfmError, match="unknown retrieval option"):
         retrieval.RetrievalConf.from_any({"k": 3})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# acceptance (issue 6) on real scenes: retrieval with K = 5 proposes >= 90% of the pairs that keep >= 50 verified
+# matches in an exhaustive run. Scenes where every image overlaps more than K others cap any K = 5 retrieval below
+# that (see scripts/eval_retrieval.py, whose "oracle" shows the cap); these two are scenes where the bar is reachable.
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("scene", [
+    "middlebury_templeSparseRing/images",  # 16 views on a ring: each overlaps a few neighbours (~10 s)
+    pytest.param("phototourism_samples", marks=pytest.mark.slow),  # two landmarks pooled (~40 s)
+])
+def test_retrieval_recall_of_verified_pairs_on_real_scene(tmp_path, scene):
+    from cd_sfm.evaluation.retrieval import evaluate
+
+    image_dir = SHARED / scene
+    if not image_dir.is_dir():
+        pytest.skip(f"{image_dir} not available")
+    r = evaluate(image_dir, tmp_path, feature_conf="rootsift-fast", global_confs=["vlad"], num_neighbors=5,
+                 min_inliers=50)
+    assert r["reference"]["overlapping"] >= 10
+    assert r["vlad"]["recall"] >= 0.9, r["vlad"]
+    assert r["vlad"]["proposed"] < r["reference"]["pairs"]

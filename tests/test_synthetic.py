@@ -14,14 +14,15 @@ from cd_sfm.synthetic import compare_to_ground_truth, render_scene
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    return render_scene(tmp_path_factory.mktemp("synthetic"), num_images=8, num_points=300, width=640, height=480)
+    return render_scene(tmp_path_factory.mktemp("synthetic"), num_images=8, num_points=200, width=640, height=480,
+                        patch_radius=12)
 
 
 def test_render_scene_files_and_ground_truth(scene, tmp_path):
     assert len(scene.names) == 8
     assert sorted(p.name for p in scene.image_dir.iterdir()) == scene.names
     gt = pycolmap.Reconstruction(str(scene.gt_dir))
-    assert gt.num_reg_images() == 8 and gt.num_points3D() == 300
+    assert gt.num_reg_images() == 8 and gt.num_points3D() == 200
     cam = next(iter(gt.cameras.values()))
     assert (cam.width, cam.height) == (640, 480)
     from cd_sfm.images import read_image
@@ -29,7 +30,8 @@ def test_render_scene_files_and_ground_truth(scene, tmp_path):
     img, _ = read_image(scene.image_dir / scene.names[0])
     assert img.shape == (480, 640, 3) and img.std() > 5  # something drawn
     # seeded: the same call draws the same scene
-    again = render_scene(tmp_path / "again", num_images=8, num_points=300, width=640, height=480)
+    again = render_scene(tmp_path / "again", num_images=8, num_points=200, width=640, height=480,
+                         patch_radius=12)
     a = (scene.image_dir / scene.names[3]).read_bytes()
     assert a == (again.image_dir / scene.names[3]).read_bytes()
     # ground truth compared with itself: no error

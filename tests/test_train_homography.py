@@ -62,3 +62,14 @@ def test_mine_writes_h5(tmp_path):
         assert f["patches"].dtype == np.uint8 and f["patches"].shape[1:] == (2, 32, 32)
         assert len(f["scales"]) == len(f["kpt_ids"]) == len(f["is_val"]) == res["pairs"]
         assert f["is_val"][()].any() and not f["is_val"][()].all()
+
+
+def test_cli_train_mine(tmp_path):
+    from cd_sfm.cli import main
+
+    cv2.imwrite(str(tmp_path / "a.png"), _texture())
+    out = tmp_path / "p.h5"
+    assert main(["train", "mine-homography", str(tmp_path), str(out), "--warps-per-image", "1",
+                 "--pairs-per-warp", "8", "--val-every", "0"]) == 0
+    assert out.exists()
+    assert main(["train", "mine-homography", str(tmp_path / "missing"), str(out)]) == 2

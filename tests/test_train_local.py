@@ -31,9 +31,9 @@ def _conf(data, run_dir, steps, **kw):
 
 def test_train_resume_and_export(mined, tmp_path):
     run = tmp_path / "run"
-    r1 = tl.train_local(_conf(mined, run, 2))
+    r1 = tl.train_local(_conf(mined, run, 2, loss="npair"))
     assert r1["step"] == 2 and (run / "log.csv").exists() and (run / "curves.png").exists()
-    r2 = tl.train_local(_conf(mined, run, 3, export="unit-test", export_dir=str(tmp_path / "weights")))
+    r2 = tl.train_local(_conf(mined, run, 3, loss="npair", export="unit-test", export_dir=str(tmp_path / "weights")))
     assert r2["step"] == 3  # resumed: one more step, not three
     steps = [int(json.loads(json.dumps(r))["step"]) for r in tl._read_log(run / "log.csv") if r["kind"] == "train"]
     assert steps == [1, 2, 3]

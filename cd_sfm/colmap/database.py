@@ -89,7 +89,8 @@ def descriptors_to_uint8(desc: np.ndarray, mode: str = "auto") -> np.ndarray:
     return np.clip(np.round(512.0 * d), 0, 255).astype(np.uint8)
 
 
-def keypoints_to_colmap(keypoints: np.ndarray, scales: np.ndarray | None, orientations: np.ndarray | None) -> np.ndarray:
+def keypoints_to_colmap(keypoints: np.ndarray, scales: np.ndarray | None,
+                        orientations: np.ndarray | None) -> np.ndarray:
     """(N, 4) float32 ``[x + 0.5, y + 0.5, size / 2, orientation]`` (see the module docstring)."""
     kp = np.asarray(keypoints, np.float32).reshape(-1, 2) + 0.5
     n = len(kp)

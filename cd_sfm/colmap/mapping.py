@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 MAPPERS = ("incremental", "global")
 
-default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0}
+default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
+                                "retry_max_images": 300}
 
 confs = {
     "incremental": {"mapper": "incremental", "options": {}},
@@ -77,41 +78,84 @@ def model_stats(rec) -> dict:
     }
 
 
-def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path) -> tuple:
-    """Map ``database_path``; returns ``(reconstruction or None, stats)``. See the module docstring for outputs."""
+def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path, tmp: Path) -> list:
+    """One run of the mapper; returns its models, largest first."""
     import pycolmap
 
-    conf = {**default_conf, **(conf or {})}
-    database_path, image_dir, output_dir = Path(database_path), Path(image_dir), Path(output_dir)
-    if not database_path.exists():
-        raise CdSfmError(f"{database_path}: database not found")
-    opts = pipeline_options(conf)
-    if conf.get("seed") is not None and int(conf["seed"]) >= 0:
-        pycolmap.set_random_seed(int(conf["seed"]))
-    sparse = output_dir / "sparse"
-    tmp = output_dir / ".sparse.tmp"
+    opts = pipeline_options({**conf, "seed": seed})
+    if seed is not None and seed >= 0:
+        pycolmap.set_random_seed(seed)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
-    logger.info("Mapping (%s) ...", conf["mapper"])
     try:
         if conf["mapper"] == "incremental":
             models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts)
         else:
             models = pycolmap.global_mapping(str(database_path), str(image_dir), str(tmp), opts)
-    except Exception:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    models = dict(models or {})
-    ranked = sorted(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
-    # rewrite the models in rank order: sparse/0 is the largest
+    return sorted(dict(models or {}).values(), key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
+
+
+def _num_connected_images(database_path: Path, min_inliers: int) -> int:
+    """Images with at least one verified pair of ``min_inliers`` inlier matches: what a model could register."""
+    import pycolmap
+
+    db = pycolmap.Database.open(str(database_path))
+    try:
+        pair_ids, counts = db.read_two_view_geometry_num_inliers()
+    finally:
+        db.close()
+    ids: set[int] = set()
+    for pid, n in zip(pair_ids, counts):
+        if n >= min_inliers:
+            ids.update(pycolmap.pair_id_to_image_pair(pid))
+    return len(ids)
+
+
+def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path) -> tuple:
+    """Map ``database_path``; returns ``(reconstruction or None, stats)``. See the module docstring for outputs.
+
+    ``conf["retries"]``: when the largest model leaves out images that have verified pairs, map again up to this many
+    times with the next seeds and keep the attempt whose largest model registers the most images (then has the most
+    points). Incremental mapping can start from an unlucky initial pair and then keep a small first model; another
+    attempt sometimes gets past it (not always: the initial pair order is mostly fixed by the matches). Retries only happen for databases of at most ``retry_max_images`` images, where
+    mapping is cheap next to feature extraction and matching.
+    """
+    conf = {**default_conf, **(conf or {})}
+    database_path, image_dir, output_dir = Path(database_path), Path(image_dir), Path(output_dir)
+    if not database_path.exists():
+        raise CdSfmError(f"{database_path}: database not found")
+    pipeline_options(conf)  # option errors before any work
+    sparse = output_dir / "sparse"
+    tmp = output_dir / ".sparse.tmp"
+    t0 = time.perf_counter()
+    seed = conf.get("seed")
+    seed = int(seed) if seed is not None else -1
+    num_images = _num_connected_images(database_path, int(getattr(pipeline_options(conf), "min_num_matches", 15)))
+    retries = int(conf.get("retries") or 0) if num_images <= int(conf.get("retry_max_images") or 0) else 0
+    logger.info("Mapping (%s) ...", conf["mapper"])
+    ranked: list = []
+    attempts = 0
+    for attempt in range(retries + 1):
+        attempts += 1
+        s = seed + attempt if seed >= 0 else -1
+        models = _map_once(conf, s, database_path, image_dir, tmp)
+        best_now = models[0].num_reg_images() if models else 0
+        if not ranked or best_now > ranked[0].num_reg_images():
+            ranked = models
+        if ranked and ranked[0].num_reg_images() >= num_images:
+            break
+        if attempt < retries:
+            logger.info("Mapping attempt %d registered %d of %d images; trying seed %s", attempt + 1, best_now,
+                        num_images, s + 1 if s >= 0 else "random")
+    # write the models in rank order: sparse/0 is the largest
     staged = output_dir / ".sparse.new"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     for i, rec in enumerate(ranked):
         (staged / str(i)).mkdir()
         rec.write_binary(str(staged / str(i)))
-    shutil.rmtree(tmp, ignore_errors=True)
     old = output_dir / ".sparse.old"
     shutil.rmtree(old, ignore_errors=True)
     if sparse.exists():
@@ -127,11 +171,8 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     else:
         ply.unlink(missing_ok=True)
     stats = model_stats(best)
-    stats.update(num_models=len(ranked), mapper=conf["mapper"], seconds=time.perf_counter() - t0)
-    if best is not None:
-        stats["registered"] = sorted(best.images[i].name for i in best.reg_image_ids())
-    else:
-        stats["registered"] = []
+    stats.update(num_models=len(ranked), mapper=conf["mapper"], attempts=attempts, seconds=time.perf_counter() - t0)
+    stats["registered"] = sorted(best.images[i].name for i in best.reg_image_ids()) if best is not None else []
     logger.info("Mapping: %d models, the largest with %d images and %d points", len(ranked), stats["num_registered"],
                 stats["num_points3D"])
     return best, stats

@@ -48,7 +48,8 @@ def two_view_options(conf: dict | None):
 
 
 def main(conf: dict | None, database_path: str | Path, pairs_path: str | Path | None = None) -> dict:
-    """Verify the matches of ``pairs_path`` (default: every matched pair in the database); returns counts."""
+    """Verify the matches of ``pairs_path`` (default: every matched pair in the database); returns counts:
+    ``num_pairs_checked``, ``num_verified_pairs`` (at least ``min_num_inliers`` inliers), ``num_inlier_matches``."""
     import pycolmap
 
     database_path = Path(database_path)
@@ -81,7 +82,10 @@ def main(conf: dict | None, database_path: str | Path, pairs_path: str | Path | 
             Path(tmp_pairs).unlink(missing_ok=True)
     db = pycolmap.Database.open(str(database_path))
     try:
-        stats = {"num_verified_pairs": db.num_verified_image_pairs(), "num_inlier_matches": db.num_inlier_matches()}
+        _, inliers = db.read_two_view_geometry_num_inliers()
+        stats = {"num_pairs_checked": len(inliers),
+                 "num_verified_pairs": sum(n >= opts.min_num_inliers for n in inliers),
+                 "num_inlier_matches": db.num_inlier_matches()}
     finally:
         db.close()
     logger.info("Verified pairs: %d with %d inlier matches", stats["num_verified_pairs"], stats["num_inlier_matches"])

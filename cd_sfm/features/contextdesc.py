@@ -5,7 +5,8 @@ Options (``ContextDescBackend.Conf``): ``model`` (registry name or folder, defau
 (4096), ``upright``, ``max_image_size`` (0 = full resolution), ``augment`` (False stores the raw local descriptors,
 L2-normalised), ``regional`` (False, or a model without regional weights, gives geometric context only; said once in
 the log), ``regional_max_size`` (1024, the authors' limit), ``precision`` (``fp32`` | ``bf16`` | ``auto``), ``xla``,
-``batch_size`` (patches per local-model call), ``threads`` (0 = the cores this process may use).
+``batch_size`` (patches per local-model call), ``threads`` (0 = the cores this process may use), ``fold_bn`` (run the
+inference form with batch norms folded into the convolutions; same values, faster).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ContextDescBackend:
         regional_max_size: int = 1024
         precision: str = "fp32"
         xla: bool = False
-        batch_size: int = 256
+        batch_size: int = 1024
+        fold_bn: bool = True
         threads: int = 0
         contrast_threshold: float = 0.04
 
@@ -86,7 +88,7 @@ class ContextDescBackend:
         builders = self._builders(models, info)
         self.runner = ContextDescRunner(models, builders, precision=conf.precision, xla=conf.xla,
                                         batch_size=conf.batch_size, bucket=max(conf.max_keypoints, 0) or 4096,
-                                        threads=conf.threads or None)
+                                        threads=conf.threads or None, fold_bn=conf.fold_bn)
         if conf.augment and self.runner.has_augment and not self.runner.has_regional:
             _say_once(("geo", conf.model), "%s: no regional model: augmentation with geometric context only",
                       conf.model)
@@ -102,12 +104,12 @@ class ContextDescBackend:
 
         entry = registry.resolve(conf.model)
         comps = ["local"]
-        if conf.augment:
-            if entry.path("augment") is None:
-                from ..io import CdSfmError
-
-                raise CdSfmError(f"{entry.folder}: model {conf.model!r} has no augmentation weights "
-                                 f"({registry.WEIGHT_FILES['augment']}); use augment=False (--no-augment)")
+        if conf.augment and entry.path("augment") is None:
+            if ("noaug", conf.model) not in _SAID:
+                _SAID.add(("noaug", conf.model))
+                logger.warning("%s: model %r has no augmentation weights (%s): storing the raw local descriptors",
+                               entry.folder, conf.model, registry.WEIGHT_FILES["augment"])
+        elif conf.augment:
             comps.append("augment")
             if conf.regional and entry.path("regional") is not None:
                 comps.append("regional")

@@ -5,7 +5,9 @@ Frozen graphs: local ``loc.pb`` / ``contextdesc-*.pb`` (``input:0`` -> ``conv6_f
 ``input/kpt_xy:0`` -> ``l2norm:0``), regional ``retrieval_resnet50.pb`` (``input:0`` -> ``res5c:0``).
 
 How the constants are found: the graph is walked from its interface tensors. Every *parameter op* (``Conv2D``,
-``MatMul`` with a constant weight, ``FusedBatchNorm*``) on a data path from the inputs to the outputs gets a key:
+``MatMul`` with a constant weight, ``FusedBatchNorm*``, or a batch norm in its decomposed inference form ``x * a + c``
+with constant per-channel a, c as ``tf.nn.batch_normalization`` and Keras write it) on a data path from the inputs to
+the outputs gets a key:
 (number of parameter ops before it on the longest data path, kind, weight shape, interface inputs it depends on,
 interface outputs it feeds). The same keys are computed on our Keras model's layer graph; both lists are sorted by key
 and paired one to one, every pair must agree on its key, and the op names only serve as a cross-check (mismatches are
@@ -240,6 +242,11 @@ def _graph_params(fg: FrozenGraph, spec: GraphSpec) -> list[ParamOp]:
                 if kind == "dense" and node.attr["transpose_b"].b:
                     shape = shape[::-1]
                 params[name] = ParamOp(name, kind, shape, d, tuple(sorted(r)), ())
+        elif node.op == "Mul" and "bn" in spec.kinds and any(reach_in.get(p) for p in parents):
+            aff = _affine_bn(fg, name)
+            if aff is not None:
+                is_param = True
+                params[name] = ParamOp(name, "bn", (aff["a"].size,), d, tuple(sorted(r)), ())
         depth_out[name] = d + (1 if is_param else 0)
     # which outputs each node feeds
     reach_out: dict[str, set] = defaultdict(set)
@@ -254,6 +261,39 @@ def _graph_params(fg: FrozenGraph, spec: GraphSpec) -> list[ParamOp]:
     for name, op in params.items():
         op.outputs = tuple(sorted(reach_out[name]))
     return list(params.values())
+
+
+def _affine_bn(fg: FrozenGraph, name: str):
+    """A batch norm in its decomposed inference form (``tf.nn.batch_normalization``, Keras): ``x * a + c`` with
+    constant per-channel vectors a, c (a Mul by a constant followed by Add / AddV2 / BiasAdd / Sub of a constant).
+    Returns {"data", "a", "c", "add"} or None."""
+    ins = [_node_name(t) for t in fg.data_inputs(name)]
+    if len(ins) != 2:
+        return None
+    const = [i for i in ins if fg.is_constant(i)]
+    if len(const) != 1:
+        return None
+    data = ins[1 - ins.index(const[0])]
+    a = fg.value(const[0])
+    if a.size < 2 or a.size != a.shape[-1]:
+        return None
+    cons = fg.consumers.get(name, [])
+    if len(cons) != 1:
+        return None
+    add = fg.nodes[cons[0][0]]
+    if add.op not in ("Add", "AddV2", "BiasAdd", "Sub"):
+        return None
+    add_ins = [_node_name(t) for t in fg.data_inputs(add.name)]
+    if len(add_ins) != 2 or (add.op == "Sub" and add_ins[0] != name):
+        return None
+    other = add_ins[1] if add_ins[0] == name else add_ins[0]
+    if other == name or not fg.is_constant(other):
+        return None
+    c = fg.value(other)
+    if c.size != a.size:
+        return None
+    c = c.reshape(-1).astype(np.float64)
+    return {"data": data, "a": a.reshape(-1).astype(np.float64), "c": -c if add.op == "Sub" else c, "add": add.name}
 
 
 def _keras_params(model, spec: GraphSpec) -> list[ParamOp]:
@@ -396,7 +436,11 @@ def _attached_bias(fg: FrozenGraph, name: str):
 
 def _producer_param(fg: FrozenGraph, name: str, params: set) -> str | None:
     """The parameter op feeding ``name`` directly (through reshapes and bias adds), if any."""
-    cur = _node_name(fg.data_inputs(name)[0])
+    ins = [_node_name(t) for t in fg.data_inputs(name)]
+    data = [i for i in ins if not fg.is_constant(i)] if fg.nodes[name].op == "Mul" else ins[:1]
+    if len(data) != 1:
+        return None
+    cur = data[0]
     for _ in range(6):
         if cur in params:
             return cur
@@ -461,11 +505,21 @@ def transfer(fg: FrozenGraph, model, spec: GraphSpec, report: ImportReport | Non
             continue
         layer = g2layer[go.name]
         node = fg.nodes[go.name]
-        ins = fg.data_inputs(go.name)
-        gamma, beta, mean, var = (fg.value(t).astype(np.float64) for t in ins[1:5])
-        eps = float(node.attr["epsilon"].f) if "epsilon" in node.attr else 1e-3
-        if node.attr["is_training"].b:
-            raise FrozenImportError(f"{fg.label}: {go.name} is a batch norm in training mode")
+        if node.op == "Mul":  # decomposed form x * a + c == (x - (-c / a)) / sqrt(1 / a^2) with unit epsilon-free std
+            aff = _affine_bn(fg, go.name)
+            a, c = aff["a"], aff["c"]
+            if np.all(a > 0):
+                gamma, beta, eps = np.ones_like(a), np.zeros_like(a), 0.0
+                mean, var = -c / a, 1.0 / (a * a)
+            else:  # a sign flip cannot live in the normalisation: gamma = a, beta = c, unit statistics
+                gamma, beta, eps = a, c, 0.0
+                mean, var = np.zeros_like(a), np.ones_like(a)
+        else:
+            ins = fg.data_inputs(go.name)
+            gamma, beta, mean, var = (fg.value(t).astype(np.float64) for t in ins[1:5])
+            eps = float(node.attr["epsilon"].f) if "epsilon" in node.attr else 1e-3
+            if node.attr["is_training"].b:
+                raise FrozenImportError(f"{fg.label}: {go.name} is a batch norm in training mode")
         producer = _producer_param(fg, go.name, param_names)
         if producer in pending_bias:
             mean = mean - pending_bias.pop(producer)

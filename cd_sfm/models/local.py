@@ -31,8 +31,13 @@ class PatchStandardize(layers.Layer):
         return {**super().get_config(), "eps": self.eps}
 
 
-def conv_bn(x, filters, kernel, stride=1, padding="same", relu=True, name=None):
-    """Convolution without bias, batch norm without centre/scale (eps 1e-5), ReLU."""
+def conv_bn(x, filters, kernel, stride=1, padding="same", relu=True, name=None, fold_bn=False):
+    """Convolution without bias, batch norm without centre/scale (eps 1e-5), ReLU.
+
+    ``fold_bn``: the inference form, one convolution with bias (batch norm folded in by ``fold.fold_batchnorm``)."""
+    if fold_bn:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=True, name=name)(x)
+        return layers.ReLU(name=f"{name}_relu")(x) if relu else x
     x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, name=name)(x)
     x = layers.BatchNormalization(center=False, scale=False, epsilon=BN_EPS, momentum=0.99, name=f"{name}_bn")(x)
     if relu:
@@ -40,20 +45,23 @@ def conv_bn(x, filters, kernel, stride=1, padding="same", relu=True, name=None):
     return x
 
 
-def build_local_model(name: str = "contextdesc_local") -> keras.Model:
+def build_local_model(name: str = "contextdesc_local", fold_bn: bool = False) -> keras.Model:
+    """The local model; ``fold_bn=True`` builds its inference form (batch norms folded into the convolutions, see
+    ``cd_sfm.models.fold``), which has no BN layers and so cannot load the npz files directly."""
+    f = fold_bn
     inp = keras.Input((32, 32, 1), name="input")
     x = PatchStandardize(name="standardize")(inp)
-    x = conv_bn(x, 32, 3, name="conv0")
-    x = conv_bn(x, 32, 3, name="conv1")
-    x = conv_bn(x, 64, 3, stride=2, name="conv2")
-    x = conv_bn(x, 64, 3, name="conv3")
-    x = conv_bn(x, 128, 3, stride=2, name="conv4")
-    c5 = conv_bn(x, 128, 3, name="conv5")
+    x = conv_bn(x, 32, 3, name="conv0", fold_bn=f)
+    x = conv_bn(x, 32, 3, name="conv1", fold_bn=f)
+    x = conv_bn(x, 64, 3, stride=2, name="conv2", fold_bn=f)
+    x = conv_bn(x, 64, 3, name="conv3", fold_bn=f)
+    x = conv_bn(x, 128, 3, stride=2, name="conv4", fold_bn=f)
+    c5 = conv_bn(x, 128, 3, name="conv5", fold_bn=f)
     feat = layers.Conv2D(128, 8, padding="valid", use_bias=False, name="conv6")(c5)
     feat = layers.Reshape((128,), name="conv6_feat")(feat)
-    m = conv_bn(c5, 128, 8, padding="valid", name="kpt_m_conv0")
-    m = conv_bn(m, 32, 1, name="kpt_m_conv1")
-    m = conv_bn(m, 32, 1, name="kpt_m_conv2")
+    m = conv_bn(c5, 128, 8, padding="valid", name="kpt_m_conv0", fold_bn=f)
+    m = conv_bn(m, 32, 1, name="kpt_m_conv1", fold_bn=f)
+    m = conv_bn(m, 32, 1, name="kpt_m_conv2", fold_bn=f)
     m = layers.Conv2D(1, 1, use_bias=True, name="kpt_m")(m)
     m = layers.Reshape((1,), name="kpt_m_flat")(m)
     m = layers.Dense(1, name="kpt_m_dense")(m)

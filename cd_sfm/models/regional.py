@@ -37,38 +37,42 @@ class SubtractMean(layers.Layer):
         return {**super().get_config(), "mean": self.mean}
 
 
-def _conv_bn(x, filters, kernel, stride, conv_name, bn_name, relu):
-    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=conv_name)(x)
-    x = layers.BatchNormalization(center=False, scale=False, epsilon=BN_EPS, name=bn_name)(x)
+def _conv_bn(x, filters, kernel, stride, conv_name, bn_name, relu, fold_bn=False):
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=fold_bn, name=conv_name)(x)
+    if not fold_bn:
+        x = layers.BatchNormalization(center=False, scale=False, epsilon=BN_EPS, name=bn_name)(x)
     if relu:
         x = layers.ReLU(name=f"{conv_name}_relu")(x)
     return x
 
 
-def _block(x, stage: int, block: str, width: int, stride: int, project: bool, last: bool):
-    tag = f"{stage}{block}"
+def _block(x, stage: int, block: str, width: int, stride: int, project: bool, last: bool, fold_bn: bool):
+    tag, f = f"{stage}{block}", fold_bn
     if project:
-        short = _conv_bn(x, 4 * width, 1, stride, f"res{tag}_branch1", f"bn{tag}_branch1", relu=False)
+        short = _conv_bn(x, 4 * width, 1, stride, f"res{tag}_branch1", f"bn{tag}_branch1", relu=False, fold_bn=f)
     else:
         short = x
-    y = _conv_bn(x, width, 1, stride, f"res{tag}_branch2a", f"bn{tag}_branch2a", relu=True)
-    y = _conv_bn(y, width, 3, 1, f"res{tag}_branch2b", f"bn{tag}_branch2b", relu=True)
-    y = _conv_bn(y, 4 * width, 1, 1, f"res{tag}_branch2c", f"bn{tag}_branch2c", relu=False)
+    y = _conv_bn(x, width, 1, stride, f"res{tag}_branch2a", f"bn{tag}_branch2a", relu=True, fold_bn=f)
+    y = _conv_bn(y, width, 3, 1, f"res{tag}_branch2b", f"bn{tag}_branch2b", relu=True, fold_bn=f)
+    y = _conv_bn(y, 4 * width, 1, 1, f"res{tag}_branch2c", f"bn{tag}_branch2c", relu=False, fold_bn=f)
     out = layers.Add(name=f"res{tag}")([short, y])
     if not last:
         out = layers.ReLU(name=f"res{tag}_relu")(out)
     return out
 
 
-def build_regional_model(name: str = "contextdesc_regional") -> keras.Model:
+def build_regional_model(name: str = "contextdesc_regional", fold_bn: bool = False) -> keras.Model:
+    """The regional model; ``fold_bn=True`` builds its inference form (batch norms folded into the convolutions by
+    ``cd_sfm.models.fold``)."""
     inp = keras.Input((None, None, 3), name="input")
     x = SubtractMean(name="sub_mean")(inp)
-    x = _conv_bn(x, 64, 7, 2, "conv1", "bn_conv1", relu=True)
+    x = _conv_bn(x, 64, 7, 2, "conv1", "bn_conv1", relu=True, fold_bn=fold_bn)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     for si, (stage, width, blocks, stride) in enumerate(STAGES):
         for b in range(blocks):
             last = si == len(STAGES) - 1 and b == blocks - 1
-            x = _block(x, stage, "abcdef"[b], width, stride if b == 0 else 1, project=b == 0, last=last)
+            x = _block(x, stage, "abcdef"[b], width, stride if b == 0 else 1, project=b == 0, last=last,
+                       fold_bn=fold_bn)
     out = layers.Activation("linear", name="res5c_out", dtype="float32")(x)
     return keras.Model(inp, {"res5c": out}, name=name)
 

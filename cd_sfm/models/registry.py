@@ -366,6 +366,7 @@ def import_model(name: str, local=None, augment=None, regional=None, source: str
         if bad:
             raise CdSfmError(f"models import {name}: parity check failed ({'; '.join(bad)})")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        _normal_permissions(tmp)
         if folder.exists():
             old = folder.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -378,6 +379,14 @@ def import_model(name: str, local=None, augment=None, regional=None, source: str
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return _entry(name, folder, source)
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp / mkstemp create private (0700 / 0600) entries: give the model folder the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _parity_failures(parity: dict, tolerance: float) -> list[str]:

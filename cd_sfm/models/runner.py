@@ -109,11 +109,18 @@ def _round_up(n: int, m: int) -> int:
 class ContextDescRunner:
     """Runs given fp32 Keras models (``local`` required, ``augment`` and ``regional`` optional).
 
-    ``builders`` maps the same keys to zero-argument functions that rebuild each model (for the bf16 copy)."""
+    ``builders`` maps the same keys to the functions that build each model; the local and regional builders take
+    ``fold_bn=True`` for the inference form (batch norms folded into the convolutions, ``fold.py``), used unless
+    ``fold_bn=False``. bf16 builds these copies under the ``mixed_bfloat16`` policy.
+
+    Local batches: full chunks of ``batch_size`` patches, the last chunk zero-padded to the smallest of
+    ``batch_size / 8, / 4, / 2, / 1`` that holds it, so the local function has at most four traces ever."""
 
     def __init__(self, models: dict, builders: dict | None = None, precision: str = "fp32", xla: bool = False,
-                 batch_size: int = 256, bucket: int = 4096, threads: int | None = None):
+                 batch_size: int = 1024, bucket: int = 4096, threads: int | None = None, fold_bn: bool = True):
         import tensorflow as tf
+
+        from .fold import fold_batchnorm
 
         configure_threads(threads)
         self.precision = resolve_precision(precision)
@@ -121,15 +128,23 @@ class ContextDescRunner:
         self.batch_size = int(batch_size)
         self.bucket = int(bucket) if bucket else 1024
         self.models = dict(models)
-        if self.precision == "bf16":
-            if not builders:
-                raise ValueError("bf16 needs the model builders")
-            for key, model in list(self.models.items()):
-                bf = build_with_policy(builders[key], "mixed_bfloat16")
-                bf.set_weights(model.get_weights())
-                self.models[key] = bf
+        policy = "mixed_bfloat16" if self.precision == "bf16" else None
+        builders = builders or {}
+        for key, model in list(self.models.items()):
+            builder = builders.get(key)
+            if builder is None:
+                if policy:
+                    raise ValueError(f"bf16 needs the builder of the {key} model")
+                continue
+            if fold_bn and key in ("local", "regional"):
+                twin = build_with_policy(builder, policy, fold_bn=True)
+                fold_batchnorm(model, twin)
+                self.models[key] = twin
+            elif policy:
+                twin = build_with_policy(builder, policy)
+                twin.set_weights(model.get_weights())
+                self.models[key] = twin
         self.visual = "augment" in self.models and "regional_feat" in {i.name for i in self.models["augment"].inputs}
-        B = self.batch_size
         f32 = tf.float32
         local = self.models["local"]
 
@@ -137,8 +152,8 @@ class ContextDescRunner:
             out = local(x, training=False)
             return tf.cast(out["conv6_feat"], f32), tf.cast(out["kpt_mb"], f32)
 
-        self._local = tf.function(run_local, input_signature=[tf.TensorSpec((B, 32, 32, 1), f32)],
-                                  jit_compile=self.xla, reduce_retracing=True)
+        # no input signature: called only with the (at most four) bucket shapes of ``local()``
+        self._local = tf.function(run_local, jit_compile=self.xla)
         self._regional = self._augment = None
         if "regional" in self.models:
             regional = self.models["regional"]
@@ -163,6 +178,18 @@ class ContextDescRunner:
 
             self._augment = tf.function(run_augment, input_signature=sig, jit_compile=self.xla)
 
+    def _chunk_sizes(self, n: int) -> list[tuple[int, int]]:
+        """(real, padded) sizes of the local-model calls for n patches."""
+        B = self.batch_size
+        out = [(B, B)] * (n // B)
+        rest = n - B * (n // B)
+        if rest:
+            size = B
+            while size // 2 >= rest and size // 2 >= max(B // 8, 1):
+                size //= 2
+            out.append((rest, size))
+        return out
+
     @property
     def has_regional(self) -> bool:
         return self._regional is not None and self.visual
@@ -178,16 +205,16 @@ class ContextDescRunner:
         if n == 0:
             return np.zeros((0, 128), np.float32), np.zeros((0,), np.float32)
         x = x.reshape(n, 32, 32, 1)
-        B = self.batch_size
-        feats, mbs = [], []
-        for i in range(0, n, B):
-            chunk = x[i : i + B]
-            if len(chunk) < B:
-                chunk = np.concatenate([chunk, np.zeros((B - len(chunk), 32, 32, 1), np.float32)])
+        feats, mbs, i = [], [], 0
+        for real, size in self._chunk_sizes(n):
+            chunk = x[i : i + real]
+            i += real
+            if real < size:
+                chunk = np.concatenate([chunk, np.zeros((size - real, 32, 32, 1), np.float32)])
             f, m = self._local(chunk)
-            feats.append(f.numpy())
-            mbs.append(m.numpy())
-        return np.concatenate(feats)[:n], np.concatenate(mbs)[:n]
+            feats.append(f.numpy()[:real])
+            mbs.append(m.numpy()[:real])
+        return np.concatenate(feats), np.concatenate(mbs)
 
     def regional(self, image: np.ndarray) -> np.ndarray:
         """(1, H, W, 3) float32 RGB 0..255 (see ``regional.prepare_image``) -> (1, h, w, 2048)."""

@@ -58,13 +58,17 @@ def dot_similarity(q: np.ndarray, db: np.ndarray) -> np.ndarray:
     return q @ db.T
 
 
+MAX_BLOCK_ELEMENTS = 2**23  # similarity entries per block (32 MB of float32 + 64 MB of argpartition indices)
+
+
 def topk_neighbors(desc: np.ndarray, k: int, block_size: int = 1024, similarity: Similarity | None = None,
                    db: np.ndarray | None = None, exclude_self: bool = True,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar database rows of every query row, best first: (indices (Nq, k), scores (Nq, k)).
 
     ``db`` defaults to ``desc`` itself (then a row is not its own neighbour when ``exclude_self``). Each block of
-    ``block_size`` queries makes one (block_size, Ndb) similarity matrix, reduced with ``argpartition``.
+    ``block_size`` queries (fewer when the collection is so large that a block would exceed ``MAX_BLOCK_ELEMENTS``)
+    makes one (block, Ndb) similarity matrix, reduced with ``argpartition``: memory O(N D + block * N), bounded.
     """
     desc = np.asarray(desc, np.float32)
     same = db is None
@@ -76,15 +80,17 @@ def topk_neighbors(desc: np.ndarray, k: int, block_size: int = 1024, similarity:
         return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
     idx_out = np.empty((nq, k), np.int64)
     score_out = np.empty((nq, k), np.float32)
+    block_size = max(1, min(block_size, MAX_BLOCK_ELEMENTS // max(ndb, 1)))
     starts = range(0, nq, block_size)
     for s in tqdm(starts, desc="retrieval", unit="block", disable=not progress or len(starts) < 4):
         e = min(s + block_size, nq)
         scores = np.asarray(sim(desc[s:e], db), np.float32)
         if same and exclude_self:
             scores[np.arange(e - s), np.arange(s, e)] = -np.inf
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < ndb else np.tile(np.arange(ndb), (e - s, 1))
+        part = np.argpartition(scores, ndb - k, axis=1)[:, ndb - k :] if k < ndb else \
+            np.tile(np.arange(ndb), (e - s, 1))
         top = np.take_along_axis(scores, part, 1)
-        # best first; ties broken by index so the result does not depend on argpartition's internals
+        # best first, equal scores in index order
         order = np.lexsort((part, -top), axis=1)
         idx_out[s:e] = np.take_along_axis(part, order, 1)
         score_out[s:e] = np.take_along_axis(top, order, 1)

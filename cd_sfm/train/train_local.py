@@ -8,7 +8,7 @@ A run lives in a directory: ``ckpt/`` (tf.train.CheckpointManager: model, optimi
 the best validation top-1 accuracy so far), ``conf.json``. Running the same command again resumes from the last
 checkpoint; batches are drawn from a generator seeded by (seed, step), so a resumed run sees the same batches.
 
-Losses: ``npair`` (scale-aware N-pair, the default) or ``triplet`` (HardNet), plus the matchability BCE that only
+Losses: ``triplet`` (HardNet, the default: it won the validation comparison) or ``npair`` (scale-aware N-pair), plus the matchability BCE that only
 trains the ``kpt_m*`` head (the descriptor trunk gets the descriptor loss only).
 """
 
@@ -44,9 +44,10 @@ LOG_FIELDS = ["step", "time_s", "kind", "loss", "acc", "mb_loss", "mb_acc", "sca
 class TrainConf:
     data: str = ""
     run_dir: str = ""
-    steps: int = 4000
-    batch: int = 512  # matching pairs per step (2 * batch patches)
-    loss: str = "npair"  # npair | triplet
+    # defaults = the default recipe: <= 60 min on the 2-core CPU (the time budget stops, checkpoints and exports)
+    steps: int = 1800
+    batch: int = 256  # matching pairs per step (2 * batch patches)
+    loss: str = "triplet"  # triplet | npair (triplet won the validation comparison, docs/training.md)
     lr: float = 1e-3
     lr_min: float = 1e-5
     warmup: int = 100
@@ -56,7 +57,7 @@ class TrainConf:
     init_log_scale: float = 2.3  # exp(2.3) ~ 10
     mb_weight: float = 1.0
     seed: int = 0
-    time_budget_min: float = 0.0  # stop (checkpoint, export) after this many minutes of this process; 0 = none
+    time_budget_min: float = 55.0  # stop (checkpoint, export) after this many minutes of this process; 0 = none
     val_every: int = 250
     val_pairs: int = 2048
     val_block: int = 1024  # in-batch top-1 accuracy among blocks of this many pairs
@@ -324,6 +325,7 @@ def export_weights(model, name: str, meta: dict, export_dir: str | Path | None =
     out = Path(export_dir or WEIGHTS_DIR) / name
     out.mkdir(parents=True, exist_ok=True)
     save_weights_npz(model, out / "local.npz", meta=meta)
+    os.chmod(out / "local.npz", 0o644)  # mkstemp makes 0600; shipped files must be world-readable
     tmp = out / "info.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "info.json")
@@ -354,7 +356,7 @@ def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None
         "trained_on": "random homographic warps of the TRAIN scenes of configs/split.yaml",
         "train_scenes": scenes,
         "train_images": len(image_names),
-        "val_images": json.loads(data_attrs.get("val_images", "[]")),
+        "val_images": [_rel_data(n) for n in json.loads(data_attrs.get("val_images", "[]"))],
         "split": split,
         "loss": conf.loss + (" (scale-aware)" if conf.loss == "npair" and conf.scale_aware else ""),
         "steps": step,
@@ -363,9 +365,16 @@ def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None
         "validation": val_metrics or {},
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "recipe": f"cd-sfm train local {conf.data} {conf.run_dir} --steps {conf.steps} --batch {conf.batch} "
-                  f"--loss {conf.loss} --seed {conf.seed}" + (f" --export {conf.export}" if conf.export else ""),
+                  f"--loss {conf.loss} --seed {conf.seed} --time-budget {conf.time_budget_min:g}"
+                  + (f" --export {conf.export}" if conf.export else ""),
         "train_conf": asdict(conf),
     }
+
+
+def _rel_data(name: str) -> str:
+    """Image path relative to the shared data root (``.../data/<scene>/...`` -> ``<scene>/...``)."""
+    parts = Path(name).parts
+    return str(Path(*parts[parts.index("data") + 1 :])) if "data" in parts[:-1] else name
 
 
 def _scene_of(name: str) -> str:
@@ -513,7 +522,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (then cosine decay)")
     p.add_argument("--no-scale-aware", action="store_true", help="plain N-pair loss (no keypoint-scale weighting)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--time-budget", type=float, default=0.0, help="minutes; checkpoint and stop when reached")
+    p.add_argument("--time-budget", type=float, default=d.time_budget_min,
+                   help="minutes of this process; checkpoint, stop (and export) when reached; 0 = no limit")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--val-pairs", type=int, default=d.val_pairs)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
