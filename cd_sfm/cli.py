@@ -1,13 +1,15 @@
 """``cd-sfm``: the command line.
 
-    cd-sfm reconstruct IMAGES OUT [--config NAME] [--features sift|rootsift|contextdesc] [--pairs exhaustive|...]
+    cd-sfm reconstruct IMAGES OUT [--config NAME] [--features sift|rootsift|contextdesc] [--model NAME|FOLDER]
+                                  [--pairs exhaustive|sequential|retrieval|FILE|A+B] [--retrieval auto|regional|local]
+                                  [--mapper incremental|global|hierarchical] [--ray auto|local|ADDRESS]
     cd-sfm extract IMAGES OUT      features.h5
     cd-sfm pairs IMAGES OUT        pairs.txt
     cd-sfm match OUT               matches.h5
     cd-sfm sfm IMAGES OUT          database.db, sparse/0, points.ply, summary.json
     cd-sfm demo OUT                render the bundled synthetic scene and reconstruct it
 
-Settings: built-in defaults < ``--config`` preset (``configs/NAME.yaml`` or a YAML path) < flags. The stage
+Settings: built-in defaults < ``--config`` preset (``cd_sfm/configs/NAME.yaml`` or a YAML path) < flags. The stage
 subcommands start from the ``config.yaml`` already in OUT (so a stage rerun keeps the settings of the run), then apply
 ``--config`` and flags. Errors in the input give one line on stderr and exit status 2.
 
@@ -75,7 +77,7 @@ def setup_logging(verbose: int, quiet: int) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="preset name (configs/NAME.yaml: default, fast, accurate, large) or a YAML file")
+    p.add_argument("--config", help=f"preset name ({', '.join(config_mod.available_presets())}) or a YAML file")
     p.add_argument("--overwrite", action="store_true", help="recompute features / matches already in OUT")
     p.add_argument("-v", "--verbose", action="count", default=0, help="debug output, with COLMAP's own log")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less log output, no progress bars")
@@ -86,13 +88,29 @@ def _add_features(p: argparse.ArgumentParser) -> None:
     g.add_argument("--features", help=f"feature preset: {', '.join(_features_choices())}")
     g.add_argument("--max-image-size", type=int, help="longest image side the features see (0: full size)")
     g.add_argument("--max-keypoints", type=int, help="keypoints per image at most")
+    g.add_argument("--model", help="ContextDesc model: a name of `cd-sfm models list` or a folder holding local.npz "
+                                   "(default: the shipped model)")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
+                   help="ContextDesc: store the raw local descriptors (no context augmentation)")
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray (optional: pip install 'cd_sfm[ray]')")
+    g.add_argument("--ray", metavar="auto|local|ADDRESS",
+                   help="run extraction and matching on Ray workers: auto (a running cluster, else a local one), "
+                        "local, or a cluster address")
+    g.add_argument("--ray-workers", type=int, help="Ray workers (default: the cluster's CPUs)")
 
 
 def _add_pairs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pairs")
-    g.add_argument("--pairs", help="exhaustive, sequential, retrieval, or a file of 'name0 name1' lines")
+    g.add_argument("--pairs", help="exhaustive, sequential, retrieval, a file of 'name0 name1' lines, or a union "
+                                   "of these joined by + (e.g. retrieval+sequential)")
     g.add_argument("--overlap", type=int, help="sequential pairs: each image with the next N")
     g.add_argument("--num-neighbors", type=int, help="retrieval pairs: each image with its N most similar")
+    g.add_argument("--retrieval", choices=["auto", "regional", "local"],
+                   help="retrieval descriptor: regional (GeM of the regional ResNet50), local (VLAD of the local "
+                        "features), auto (regional when its weights are available, else local)")
 
 
 def _add_matching(p: argparse.ArgumentParser) -> None:
@@ -108,26 +126,42 @@ def _add_sfm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--camera-model", help="COLMAP camera model (default SIMPLE_RADIAL)")
     g.add_argument("--prior-focal-length", action="store_true", default=None,
                    help="treat the focal guess as reliable even without EXIF")
-    g.add_argument("--mapper", choices=["incremental", "global"], help="pycolmap mapping pipeline")
+    g.add_argument("--mapper", choices=["incremental", "global", "hierarchical"],
+                   help="pycolmap mapping pipeline (hierarchical: clusters mapped separately and merged, for large "
+                        "scenes)")
     g.add_argument("--seed", type=int, help="random seed of the mapper (-1: random)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """Config overrides from the flags that were given."""
-    keys = ["features", "max_image_size", "pairs", "overlap", "num_neighbors", "matching", "camera_mode",
-            "camera_model", "prior_focal_length", "mapper", "seed"]
+    keys = ["features", "max_image_size", "model", "augment", "pairs", "overlap", "num_neighbors", "retrieval",
+            "matching", "camera_mode", "camera_model", "prior_focal_length", "mapper", "seed", "ray"]
     over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "max_keypoints", None) is not None:
         over["features_options"] = {"max_keypoints": args.max_keypoints}
     if getattr(args, "ratio", None) is not None:
         over["matching_options"] = {"ratio": args.ratio}
+    if getattr(args, "ray_workers", None) is not None:
+        over["ray_options"] = {"num_workers": args.ray_workers}
     return over
+
+
+def _check_flags(args: argparse.Namespace, conf: dict) -> None:
+    """Flags that only mean something for ContextDesc features must not be silently ignored."""
+    given = [f for f, v in (("--model", getattr(args, "model", None)), ("--no-augment", getattr(args, "augment", None)))
+             if v is not None]
+    if given:
+        from .pipeline import uses_contextdesc
+
+        if not uses_contextdesc(conf):
+            raise CdSfmError(f"{' and '.join(given)}: only for ContextDesc features, but features are "
+                             f"{conf['features']!r}; add --features contextdesc")
 
 
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        if k in ("features_options", "matching_options") and isinstance(out.get(k), dict):
+        if k in ("features_options", "matching_options", "ray_options") and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
         else:
             out[k] = v
@@ -145,7 +179,9 @@ def build_config(args: argparse.Namespace, out_dir: Path | None = None, from_sav
             base["_preset"] = str(out_dir / "config.yaml")
     if base is None:
         base = config_mod.load_config(args.config or "default")
-    return config_mod.resolve(_merge(base, _overrides(args)))
+    conf = config_mod.resolve(_merge(base, _overrides(args)))
+    _check_flags(args, conf)
+    return conf
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,11 +197,11 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
-def _stage_prepare(args, out_dir: Path) -> dict:
-    from .pipeline import check_not_stale, check_writable
+def _stage_prepare(args, out_dir: Path, check_pairs: bool = False) -> dict:
+    from .pipeline import check_not_stale, check_writable, prepare_conf
 
     check_writable(out_dir)
-    conf = build_config(args, out_dir, from_saved=True)
+    conf = prepare_conf(build_config(args, out_dir, from_saved=True), check_pairs=check_pairs)
     check_not_stale(out_dir, conf, args.overwrite)
     config_mod.save_config(conf, out_dir / "config.yaml")
     return conf
@@ -197,9 +233,10 @@ def cmd_pairs(args) -> int:
     from .pipeline import check_image_dir, run_pairs
 
     out_dir = Path(args.out)
-    conf = _stage_prepare(args, out_dir)
-    names = _usable_names(check_image_dir(args.images), out_dir)
-    pairs = run_pairs(names, out_dir, conf)
+    conf = _stage_prepare(args, out_dir, check_pairs=True)
+    image_dir = check_image_dir(args.images)
+    names = _usable_names(image_dir, out_dir)
+    pairs = run_pairs(names, out_dir, conf, image_dir=image_dir)
     print(f"{len(pairs)} pairs of {len(names)} images in {out_dir / 'pairs.txt'}")
     return 0
 
@@ -234,6 +271,7 @@ def cmd_demo(args) -> int:
     over = _overrides(args)
     over.setdefault("camera_mode", "single")  # one camera rendered every image
     conf = config_mod.resolve(_merge(config_mod.load_config(args.config or "default"), over))
+    _check_flags(args, conf)
     summary = reconstruct(scene.image_dir, out_dir, conf, overwrite=args.overwrite, progress=args.quiet == 0)
     cmp = {"aligned": False}
     if summary["num_images_registered"] >= 3:
@@ -263,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="all stages: images -> OUT/sparse/0 (resumable)")
     p.add_argument("images", help="folder of images (nested folders allowed)")
     p.add_argument("out", help="output folder")
-    for add in (_add_features, _add_pairs, _add_matching, _add_sfm, _add_common):
+    for add in (_add_features, _add_pairs, _add_matching, _add_sfm, _add_ray, _add_common):
         add(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -271,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images")
     p.add_argument("out")
     _add_features(p)
+    _add_ray(p)
     _add_common(p)
     p.set_defaults(func=cmd_extract)
 
@@ -284,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("match", help="stage 3: descriptor matches of OUT/pairs.txt -> OUT/matches.h5")
     p.add_argument("out")
     _add_matching(p)
+    _add_ray(p)
     _add_common(p)
     p.set_defaults(func=cmd_match)
 
@@ -298,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--num-images", type=int, default=10, help="rendered views (default 10)")
     p.add_argument("--scene-seed", type=int, default=0, help="seed of the rendered scene")
-    for add in (_add_features, _add_pairs, _add_matching, _add_sfm, _add_common):
+    for add in (_add_features, _add_pairs, _add_matching, _add_sfm, _add_ray, _add_common):
         add(p)
     p.set_defaults(func=cmd_demo)
 

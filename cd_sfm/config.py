@@ -1,6 +1,7 @@
-"""The pipeline configuration: one flat dict, YAML presets in ``configs/``, command-line overrides.
+"""The pipeline configuration: one flat dict, YAML presets in ``cd_sfm/configs/``, command-line overrides.
 
-Precedence (lowest first): :data:`DEFAULTS` < the preset (``--config NAME`` for ``configs/NAME.yaml``, or a path to a
+Precedence (lowest first): :data:`DEFAULTS` < the preset (``--config NAME`` for ``cd_sfm/configs/NAME.yaml``, package
+data, so an installed wheel has them too; the top-level ``configs/`` of the source tree links there; or a path to a
 YAML file) < command-line flags. A preset holds only the keys it changes; unknown keys are an error (a typo must not
 be silently ignored). The effective configuration of a run is written to ``<out>/config.yaml``.
 
@@ -9,8 +10,14 @@ Keys:
 * ``features``: a preset of :data:`cd_sfm.features.extract.confs` (``sift``, ``rootsift``, ``contextdesc``, ...);
   ``max_image_size``: longest image side the features see (None: the preset's); ``features_options``: overrides of
   the backend's options (e.g. ``{max_keypoints: 4096}``).
+* ``model``: the ContextDesc model (a name of ``cd-sfm models list`` or a folder holding ``local.npz``; null: the
+  shipped default, recorded by name in the saved ``config.yaml``); ``augment``: false stores the raw local
+  descriptors even when the model has augmentation weights. Both only matter for ContextDesc features.
 * ``pairs``: ``exhaustive``, ``sequential`` (each image with the next ``overlap``), ``retrieval`` (each image with its
-  ``num_neighbors`` most similar by a VLAD of its local features) or the path of a pair file (``name0 name1`` lines).
+  ``num_neighbors`` most similar), the path of a pair file (``name0 name1`` lines), or a union of these joined by
+  ``+`` (``retrieval+sequential``; repeated pairs dropped). ``retrieval``: the global descriptor, ``regional`` (GeM of
+  the regional ResNet50, needs its weights), ``local`` (VLAD of the images' own local descriptors) or ``auto``
+  (regional when its weights are available, else local).
 * ``matching``: a preset of :data:`cd_sfm.matching.confs`; ``matching_options``: overrides (e.g. ``{ratio: 0.9}``);
   by default ``cross_ratio``: the ratio test both ways, as COLMAP's cross check (fewer wrong matches on repeated
   structures: on sacre_coeur with SIFT it turned a seed-dependent 3-of-10 registration into 10 of 10).
@@ -18,10 +25,14 @@ Keys:
   ``prior_focal_length`` (trust the default focal guess as a prior), ``default_focal_factor``, ``descriptor_uint8``
   (see :mod:`cd_sfm.colmap.database`).
 * ``verification``: :mod:`cd_sfm.colmap.verify` options (``min_num_inliers``, ``ransac: {max_error: ...}``).
-* ``mapper`` (incremental | global); ``incremental_options`` / ``global_options``: attributes of pycolmap's
-  ``IncrementalPipelineOptions`` / ``GlobalPipelineOptions`` for the mapper in use (nested dicts for nested options;
-  two keys so that a preset can tune both and ``--mapper`` still picks either), ``mapping_retries`` (map again with
+* ``mapper`` (incremental | global | hierarchical); ``incremental_options`` / ``global_options`` /
+  ``hierarchical_options``: attributes of pycolmap's ``IncrementalPipelineOptions`` / ``GlobalPipelineOptions`` /
+  ``HierarchicalPipelineOptions`` for the mapper in use (nested dicts for nested options; one key per mapper so that
+  a preset can tune each and ``--mapper`` still picks any), ``mapping_retries`` (map again with
   the next seed when images with verified pairs stay unregistered; scenes up to 300 images), ``seed`` (-1: random).
+* ``ray``: null (in process), or ``auto`` / ``local`` / a cluster address: extraction and matching run on Ray workers
+  (:mod:`cd_sfm.distributed`; same files as in process); ``ray_options``: :class:`cd_sfm.distributed.RayConf` fields
+  (``num_workers``, ``ship_data``, ...). Without it nothing imports Ray.
 """
 
 from __future__ import annotations
@@ -38,9 +49,12 @@ DEFAULTS: dict[str, Any] = {
     "features": "sift",
     "max_image_size": None,
     "features_options": {},
+    "model": None,
+    "augment": True,
     "pairs": "exhaustive",
     "overlap": 10,
     "num_neighbors": 20,
+    "retrieval": "auto",
     "matching": "NN-ratio",
     "matching_options": {"cross_ratio": True},
     "camera_mode": "auto",
@@ -52,19 +66,25 @@ DEFAULTS: dict[str, Any] = {
     "mapper": "incremental",
     "incremental_options": {},
     "global_options": {},
+    "hierarchical_options": {},
     "mapping_retries": 1,
     "seed": 0,
+    "ray": None,
+    "ray_options": {},
 }
 
 # keys whose change makes existing feature / match files of an output folder stale
-FEATURE_KEYS = ("features", "max_image_size", "features_options")
+FEATURE_KEYS = ("features", "max_image_size", "features_options", "model", "augment")
 MATCHING_KEYS = FEATURE_KEYS + ("matching", "matching_options")
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
 def config_dirs() -> list[Path]:
-    """Folders searched for ``NAME.yaml``: ``configs/`` of the source tree, then the copy inside the package."""
-    here = Path(__file__).resolve().parent
-    return [d for d in (here.parent / "configs", here / "configs") if d.is_dir()]
+    """Folders searched for ``NAME.yaml``: the package's ``cd_sfm/configs`` (package data: present after a wheel
+    install too; the top-level ``configs/`` of a source checkout only links to these files)."""
+    return [PRESET_DIR] if PRESET_DIR.is_dir() else []
 
 
 def _is_pipeline_preset(path: Path) -> bool:

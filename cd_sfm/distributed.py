@@ -265,7 +265,8 @@ class MatchWorker:
         self.conf = matching.resolve_conf(conf)
         self.opts = dict(ratio=self.conf["ratio"], mutual=self.conf["mutual"],
                          distance_threshold=self.conf["distance_threshold"], metric=self.conf["metric"],
-                         normalized=True, block_rows=int(self.conf["block_rows"]))
+                         normalized=True, block_rows=int(self.conf["block_rows"]),
+                         cross_ratio=bool(self.conf.get("cross_ratio", False)))
         self.cache = None
         if features_path is not None:
             import h5py

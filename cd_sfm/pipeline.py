@@ -11,14 +11,21 @@ Resume: extraction and matching skip what ``features.h5`` / ``matches.h5`` alrea
 atomically, see :mod:`cd_sfm.io`); the database and the model are rebuilt from them, which takes seconds. A rerun
 whose feature or matching settings differ from those saved in ``config.yaml`` stops with an error instead of mixing
 results (``overwrite=True`` recomputes).
+
+Options wired here: the ContextDesc ``model`` / ``augment`` (into the feature conf), unions of pair sources
+(``retrieval+sequential``), the retrieval descriptor (``regional`` GeM or ``local`` VLAD, ``auto`` picks), ``ray``
+(extraction and matching on Ray workers through :mod:`cd_sfm.distributed`, imported only then) and the mapper
+(``incremental``, ``global``, ``hierarchical``). :func:`prepare_conf` checks them before any work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +36,9 @@ from .io import CdSfmError, atomic_write_text, list_h5_names
 logger = logging.getLogger(__name__)
 
 FEATURES, PAIRS, MATCHES, DATABASE = "features.h5", "pairs.txt", "matches.h5", "database.db"
+GLOBAL_FEATURES = "global-feats.h5"
+PAIR_METHODS = ("exhaustive", "sequential", "retrieval")
+RETRIEVAL_KINDS = ("auto", "regional", "local")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -62,11 +72,36 @@ def check_writable(out_dir: str | Path) -> Path:
     return out_dir
 
 
+def uses_contextdesc(conf: dict) -> bool:
+    """Whether the config's feature preset runs the ContextDesc backend (where ``model`` / ``augment`` matter)."""
+    return feature_conf_base(conf).get("backend") == "contextdesc"
+
+
+def _comparable(conf: dict | None) -> dict | None:
+    """The config as the staleness check compares it: ``model`` / ``augment`` only count for ContextDesc features,
+    and an unset model is the one of ``features_options``, else the shipped default."""
+    if conf is None:
+        return None
+    out = dict(conf)
+    try:
+        cd = uses_contextdesc(out)
+    except CdSfmError:  # an old config naming a preset that is gone: compare as written
+        cd = True
+    if not cd:
+        out["model"], out["augment"] = None, True
+    elif out.get("model") is None:
+        from .models.registry import DEFAULT_MODEL
+
+        out["model"] = (out.get("features_options") or {}).get("model") or DEFAULT_MODEL
+    return out
+
+
 def check_not_stale(out_dir: Path, conf: dict, overwrite: bool) -> None:
     """Refuse to mix feature / match files made with other settings (their config is in ``config.yaml``)."""
     if overwrite:
         return
-    old = config_mod.read_saved(out_dir / "config.yaml")
+    old = _comparable(config_mod.read_saved(out_dir / "config.yaml"))
+    conf = _comparable(conf)
     for fname, keys in ((FEATURES, config_mod.FEATURE_KEYS), (MATCHES, config_mod.MATCHING_KEYS)):
         path = out_dir / fname
         if not (path.exists() or path.with_name(path.name + ".parts").exists()):
@@ -77,19 +112,141 @@ def check_not_stale(out_dir: Path, conf: dict, overwrite: bool) -> None:
             raise CdSfmError(f"{path}: made with other settings ({what}); use another output folder or --overwrite")
 
 
+def pair_sources(spec) -> list[str]:
+    """The pair sources of a ``pairs`` setting: a method, a pair file, or several joined by ``+``
+    (``retrieval+sequential``, ``sequential+my_pairs.txt``). A path of an existing file is one source even when its
+    name holds a ``+``."""
+    spec = str(spec).strip()
+    if spec in PAIR_METHODS or Path(spec).is_file():
+        return [spec]
+    parts = [p.strip() for p in spec.split("+")]
+    return parts if len(parts) > 1 and all(parts) else [spec]
+
+
+def regional_model_name(conf: dict) -> str | None:
+    """The registry model whose regional ResNet50 weights retrieval would use (the ContextDesc ``model``, the default
+    model, the official ``retrieval`` download), or None when no model has them. Reads folders only (no TensorFlow)."""
+    from .models import registry
+
+    for name in dict.fromkeys([conf.get("model"), registry.DEFAULT_MODEL, "retrieval"]):
+        if name is None:
+            continue
+        try:
+            entry = registry.resolve(name, require_local=False)
+        except CdSfmError:
+            continue
+        if entry.path("regional") is not None:
+            return str(name)
+    return None
+
+
+def retrieval_conf(conf: dict) -> dict:
+    """The global-descriptor conf of ``--retrieval``: ``regional`` -> GeM of the regional ResNet50 map (its weights
+    from :func:`regional_model_name`), ``local`` -> VLAD of the images' own local descriptors, ``auto`` -> regional
+    when weights are available, else local."""
+    from . import globaldesc
+
+    kind = str(conf.get("retrieval") or "auto")
+    if kind not in RETRIEVAL_KINDS:
+        raise CdSfmError(f"retrieval {kind!r}: expected one of {', '.join(RETRIEVAL_KINDS)}")
+    regional = regional_model_name(conf) if kind in ("auto", "regional") else None
+    if kind == "regional" and regional is None:
+        raise CdSfmError("--retrieval regional: no regional ResNet50 weights (get them with `cd-sfm models download "
+                         "retrieval`); use --retrieval local")
+    if regional is not None:
+        return {**globaldesc.confs[globaldesc.RETRIEVAL_PRESETS["regional"]], "regional_model": regional}
+    if kind == "auto":
+        logger.info("Retrieval from the images' own local descriptors (VLAD): no regional ResNet50 weights")
+    return dict(globaldesc.confs[globaldesc.RETRIEVAL_PRESETS["local"]])
+
+
+def prepare_conf(conf: dict | str | None, check_pairs: bool = True) -> dict:
+    """A complete config, checked before any work: the ContextDesc model exists (an unset one becomes the shipped
+    default's name, a folder an absolute path, so that ``config.yaml`` records what was used), pair sources (unless
+    ``check_pairs`` is False: stages that do not make pairs), retrieval kind, mapper and Ray address are valid.
+    Raises ``CdSfmError`` with one line."""
+    from .colmap.mapping import MAPPERS
+
+    conf = config_mod.resolve(conf)
+    if uses_contextdesc(conf):
+        from .models import registry
+
+        # ``model`` wins over a ``features_options: {model: ...}`` (the older spelling, still honoured)
+        name = conf.get("model") or (conf.get("features_options") or {}).get("model")
+        entry = registry.resolve(name)  # unknown name: one line listing the available models
+        by_name = {(d / entry.name).resolve() for d in (registry.models_dir(), registry.PACKAGE_WEIGHTS)}
+        conf["model"] = entry.name if entry.folder.resolve() in by_name else str(entry.folder.resolve())
+    sources = pair_sources(conf["pairs"]) if check_pairs else []
+    for src in sources:
+        if src not in PAIR_METHODS and not Path(src).is_file():
+            raise CdSfmError(f"{src}: pair file not found (--pairs takes {', '.join(PAIR_METHODS)}, a file, or a "
+                             f"union such as retrieval+sequential)")
+    if str(conf.get("retrieval") or "auto") not in RETRIEVAL_KINDS:
+        raise CdSfmError(f"retrieval {conf['retrieval']!r}: expected one of {', '.join(RETRIEVAL_KINDS)}")
+    if "retrieval" in sources and conf.get("retrieval") == "regional":
+        retrieval_conf(conf)  # no weights: say so now, not after extraction
+    if conf["mapper"] not in MAPPERS:
+        raise CdSfmError(f"mapper {conf['mapper']!r}: expected one of {', '.join(MAPPERS)}")
+    if conf.get("ray") is not None and not str(conf["ray"]).strip():
+        raise CdSfmError("--ray: give auto, local or a cluster address")
+    return conf
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ray (optional)
+
+_RAY_DEPTH = 0
+
+
+@contextlib.contextmanager
+def ray_session(conf: dict):
+    """Yields the :class:`cd_sfm.distributed.RayConf` of ``conf["ray"]`` (None without it: nothing imports Ray).
+    Ray itself starts lazily, at the first stage with work to do; a cluster started inside the outermost session is
+    shut down when it ends (one started by the caller is left alone)."""
+    global _RAY_DEPTH
+    address = conf.get("ray")
+    if address is None or address is False:
+        yield None
+        return
+    from . import distributed
+
+    rconf = distributed.RayConf.from_any({**(conf.get("ray_options") or {}), "address": str(address)})
+    ray = sys.modules.get("ray")
+    owner = _RAY_DEPTH == 0 and not (ray is not None and ray.is_initialized())
+    _RAY_DEPTH += 1
+    try:
+        yield rconf
+    finally:
+        _RAY_DEPTH -= 1
+        if owner:
+            distributed.shutdown()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # stages
 
 
-def feature_conf(conf: dict) -> dict:
-    """The extraction conf (a preset of ``features.extract.confs`` with our overrides)."""
+def feature_conf_base(conf: dict) -> dict:
     from .features import extract
 
-    fconf = extract.resolve_conf(conf["features"])
+    return extract.resolve_conf(conf["features"])
+
+
+def feature_conf(conf: dict) -> dict:
+    """The extraction conf (a preset of ``features.extract.confs`` with our overrides; for ContextDesc also the
+    ``model`` and ``augment`` keys)."""
+    fconf = feature_conf_base(conf)
     if conf.get("max_image_size") is not None:
         fconf["max_image_size"] = int(conf["max_image_size"]) or None
     if conf.get("features_options"):
         fconf["options"] = {**(fconf.get("options") or {}), **conf["features_options"]}
+    if fconf.get("backend") == "contextdesc":
+        options = dict(fconf.get("options") or {})
+        if conf.get("model") is not None:
+            options["model"] = str(conf["model"])
+        if conf.get("augment") is not None and not conf["augment"]:
+            options["augment"] = False
+        fconf["options"] = options
     return fconf
 
 
@@ -125,8 +282,15 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
     image_dir, out_dir = check_image_dir(image_dir), Path(out_dir)
     skipped: dict[str, str] = {}
     found = list_images(image_dir, skipped=skipped)
-    stats = extract.main(feature_conf(conf), image_dir, out_dir / FEATURES, image_list=found, overwrite=overwrite,
-                         progress=progress)
+    with ray_session(conf) as rconf:
+        if rconf is None:
+            stats = extract.main(feature_conf(conf), image_dir, out_dir / FEATURES, image_list=found,
+                                 overwrite=overwrite, progress=progress)
+        else:
+            from . import distributed
+
+            stats = distributed.extract(feature_conf(conf), image_dir, out_dir / FEATURES, image_list=found,
+                                        overwrite=overwrite, ray_conf=rconf, progress=progress)
     skipped.update(stats.get("skipped") or {})
     counts = keypoint_counts(out_dir / FEATURES, [n for n in found if n not in skipped])
     for n in found:
@@ -136,36 +300,58 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
     return stats
 
 
-def run_pairs(names: list[str], out_dir: str | Path, conf: dict) -> list[tuple[str, str]]:
-    """The image pairs to match, written to ``out_dir/pairs.txt``."""
+def run_pairs(names: list[str], out_dir: str | Path, conf: dict,
+              image_dir: str | Path | None = None) -> list[tuple[str, str]]:
+    """The image pairs to match, written to ``out_dir/pairs.txt``: the union of the pair sources of ``conf["pairs"]``
+    (see :func:`pair_sources`), repeats in either order dropped, in the order the sources give them.
+    ``image_dir`` is needed by regional retrieval only (the network sees the images)."""
+    from .pairs import save, unique_pairs
+
     out_dir = Path(out_dir)
-    method = str(conf["pairs"])
     output = out_dir / PAIRS
-    if method == "exhaustive":
+    sources = pair_sources(conf["pairs"])
+    pairs: list[tuple[str, str]] = []
+    counts = []
+    for src in sources:
+        got = _pairs_of(src, names, out_dir, conf, image_dir)
+        counts.append(f"{src}: {len(got)}")
+        pairs.extend(got)
+    if len(sources) > 1:
+        pairs = unique_pairs(pairs)
+        logger.info("Pairs: %d in the union (%s)", len(pairs), ", ".join(counts))
+    return save(pairs, output)
+
+
+def _pairs_of(src: str, names: list[str], out_dir: Path, conf: dict, image_dir) -> list[tuple[str, str]]:
+    """The pairs of one source (not written)."""
+    if src == "exhaustive":
         from .pairs import exhaustive
 
-        return exhaustive.main(names, output)
-    if method == "sequential":
+        return exhaustive.main(names)
+    if src == "sequential":
         from .pairs import sequential
 
-        return sequential.main(names, output, overlap=int(conf["overlap"]))
-    if method == "retrieval":
-        # global descriptors aggregated from the local features (no extra network), then top-k neighbours
+        return sequential.main(names, overlap=int(conf["overlap"]))
+    if src == "retrieval":
         from . import globaldesc
         from .pairs import retrieval
 
-        global_path = globaldesc.main("vlad", out_dir / "global-feats.h5", features_path=out_dir / FEATURES,
-                                      names=names)
-        return retrieval.main({"num_neighbors": int(conf["num_neighbors"])}, names, global_path, output)
+        gconf = retrieval_conf(conf)
+        logger.info("Retrieval pairs: %s global descriptors, %d neighbours", gconf["method"], int(conf["num_neighbors"]))
+        global_path = globaldesc.main(gconf, out_dir / GLOBAL_FEATURES, features_path=out_dir / FEATURES,
+                                      image_dir=image_dir, names=names)
+        return retrieval.retrieval_pairs({"num_neighbors": int(conf["num_neighbors"])}, names, global_path)
     # hook: further pair methods (e.g. spatial from GPS) go here
     from .pairs import from_file
 
-    path = Path(method)
+    path = Path(src)
     if not path.is_file():
-        raise CdSfmError(f"{path}: pair file not found (--pairs takes exhaustive, sequential, retrieval or a file)")
+        raise CdSfmError(f"{path}: pair file not found (--pairs takes {', '.join(PAIR_METHODS)}, a file, or a union "
+                         f"such as retrieval+sequential)")
+    output = out_dir / PAIRS
     if output.exists() and path.resolve() == output.resolve():
         raise CdSfmError(f"{path}: the pair file cannot be the output pairs.txt itself; copy it elsewhere")
-    return from_file.main(path, names, output, on_unknown="skip")
+    return from_file.main(path, names, None, on_unknown="skip")
 
 
 def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress: bool = True) -> dict:
@@ -174,8 +360,14 @@ def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress
     out_dir = Path(out_dir)
     if not (out_dir / PAIRS).exists():
         raise CdSfmError(f"{out_dir / PAIRS}: pair file not found (run the pairs stage first)")
-    return matching.main(matching_conf(conf), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
-                         overwrite=overwrite, progress=progress)
+    with ray_session(conf) as rconf:
+        if rconf is None:
+            return matching.main(matching_conf(conf), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
+                                 overwrite=overwrite, progress=progress)
+        from . import distributed
+
+        return distributed.match(matching_conf(conf), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
+                                 overwrite=overwrite, ray_conf=rconf, progress=progress)
 
 
 def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[str] | None = None) -> dict:
@@ -219,30 +411,31 @@ def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | N
     fewer than two usable images.
     """
     t_start = time.perf_counter()
-    conf = config_mod.resolve(conf)
+    conf = prepare_conf(conf)
     image_dir = check_image_dir(image_dir)
     out_dir = check_writable(out_dir)
     check_not_stale(out_dir, conf, overwrite)
     config_mod.save_config(conf, out_dir / "config.yaml")
     seconds: dict[str, float] = {}
 
-    t = time.perf_counter()
-    ex = run_extract(image_dir, out_dir, conf, overwrite=overwrite, progress=progress)
-    seconds["extract"] = time.perf_counter() - t
-    used, skipped = ex["used"], ex["skipped"]
-    if len(used) < 2:
-        why = f"; skipped: {'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:3])}" if skipped else ""
-        raise CdSfmError(f"{image_dir}: {len(used)} usable image(s) of {len(ex['found'])}, need at least 2{why}")
+    with ray_session(conf):  # one Ray cluster (when asked for) for extraction and matching
+        t = time.perf_counter()
+        ex = run_extract(image_dir, out_dir, conf, overwrite=overwrite, progress=progress)
+        seconds["extract"] = time.perf_counter() - t
+        used, skipped = ex["used"], ex["skipped"]
+        if len(used) < 2:
+            why = f"; skipped: {'; '.join(f'{n}: {r}' for n, r in list(skipped.items())[:3])}" if skipped else ""
+            raise CdSfmError(f"{image_dir}: {len(used)} usable image(s) of {len(ex['found'])}, need at least 2{why}")
 
-    t = time.perf_counter()
-    pairs = run_pairs(used, out_dir, conf)
-    seconds["pairs"] = time.perf_counter() - t
-    if not pairs:
-        raise CdSfmError(f"{out_dir / PAIRS}: no image pairs to match")
+        t = time.perf_counter()
+        pairs = run_pairs(used, out_dir, conf, image_dir=image_dir)
+        seconds["pairs"] = time.perf_counter() - t
+        if not pairs:
+            raise CdSfmError(f"{out_dir / PAIRS}: no image pairs to match")
 
-    t = time.perf_counter()
-    mt = run_match(out_dir, conf, overwrite=overwrite, progress=progress)
-    seconds["match"] = time.perf_counter() - t
+        t = time.perf_counter()
+        mt = run_match(out_dir, conf, overwrite=overwrite, progress=progress)
+        seconds["match"] = time.perf_counter() - t
 
     sfm = run_sfm(image_dir, out_dir, conf, names=used)
     seconds.update(sfm["seconds"])
@@ -267,6 +460,8 @@ def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], u
         "output_dir": str(out_dir),
         "config": conf.get("_preset"),
         "features": conf["features"],
+        "model": conf.get("model") if uses_contextdesc(conf) else None,
+        "pairs": str(conf["pairs"]),
         "mapper": conf["mapper"],
         "num_images_found": len(found),
         "num_images_used": len(used),

@@ -39,7 +39,8 @@ def test_help_and_hooks():
         assert cmd in p.stdout
     p = run_cli("reconstruct", "--help")
     for flag in ("--features", "--pairs", "--camera-mode", "--camera-model", "--mapper", "--max-image-size",
-                 "--config", "--verbose", "--quiet"):
+                 "--config", "--verbose", "--quiet", "--model", "--no-augment", "--retrieval", "--num-neighbors",
+                 "--ray", "hierarchical"):
         assert flag in p.stdout
     assert [c for c, _ in cli.EXTRA_COMMANDS] == ["models", "train", "eval", "match-pair"]
 
@@ -96,6 +97,44 @@ def test_demo(tmp_path, capsys):
     assert s["ground_truth"]["aligned"] and s["ground_truth"]["max_rotation_error_deg"] < 0.5
 
 
+def test_interrupted_extraction_then_resume(scene, tmp_path, monkeypatch):
+    """Fast form of the kill test below: a run interrupted after 3 of 6 images keeps them in part files (beside the
+    half-written part a SIGKILL can leave); the next run reuses them and finishes."""
+    from cd_sfm.features import sift
+
+    out = tmp_path / "out"
+    args = ["reconstruct", str(scene.image_dir), str(out), "--pairs", "sequential", "--overlap", "2",
+            "--camera-mode", "single", "--max-keypoints", "2048", "-q"]
+    real, calls = sift.SiftBackend.extract, []
+
+    def interrupted(self, image):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, image)
+
+    monkeypatch.setattr(sift.SiftBackend, "extract", interrupted)
+    assert cli.main(args) == 130
+    monkeypatch.undo()
+    parts = out / "features.h5.parts"
+    assert len(list_h5_names(next(parts.glob("part-*.h5")))) == 3 and not (out / "summary.json").exists()
+    (parts / ".part-123.tmp").write_bytes(b"half written")  # what a kill during a part write leaves
+
+    assert cli.main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["features_reused"], s["features_extracted"], s["num_images_registered"]) == (3, 3, 6)
+    assert not parts.exists()
+    from cd_sfm.features import extract
+
+    conf = {**extract.confs["sift"], "options": {**extract.confs["sift"]["options"], "max_keypoints": 2048}}
+    first_last = [scene.names[0], scene.names[-1]]  # one reused, one extracted by the resumed run
+    extract.main(conf, scene.image_dir, tmp_path / "clean.h5", image_list=first_last, progress=False)
+    for n in first_last:
+        a, b = read_features(out / "features.h5", n), read_features(tmp_path / "clean.h5", n)
+        assert (a["keypoints"] == b["keypoints"]).all() and (a["descriptors"] == b["descriptors"]).all()
+
+
+@pytest.mark.slow  # 15-30 s: a real SIGKILL of a CLI process (the fast form above runs by default)
 def test_kill_during_extraction_then_resume(tmp_path):
     scene = render_scene(tmp_path / "scene", num_images=24, num_points=200, width=640, height=480, patch_radius=12)
     out = tmp_path / "out"

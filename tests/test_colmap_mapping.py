@@ -1,4 +1,4 @@
-"""Mapping through pycolmap: incremental and global, options through pycolmap's option objects, the largest model as
+"""Mapping through pycolmap: incremental, global and hierarchical, options through pycolmap's option objects, the largest model as
 sparse/0, points.ply, statistics."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def verified_db(tmp_path_factory):
     return out, rec, names
 
 
-@pytest.mark.parametrize("mapper", ["incremental", "global"])
+@pytest.mark.parametrize("mapper", ["incremental", "global", "hierarchical"])
 def test_mapping_registers_all_and_matches_ground_truth(verified_db, tmp_path, mapper):
     src, gt, names = verified_db
     best, st = mapping.main({"mapper": mapper, "seed": 0}, src / "database.db", src / "images", tmp_path)
@@ -37,6 +37,23 @@ def test_mapping_registers_all_and_matches_ground_truth(verified_db, tmp_path, m
     cmp = compare_to_ground_truth(back, gt, max_proj_center_error=0.5)
     assert cmp["aligned"] and cmp["max_rotation_error_deg"] < 0.5
     assert cmp["max_position_error"] < 0.01 * cmp["scene_radius"]
+
+
+def test_hierarchical_mapping_splits_and_merges_clusters(tmp_path):
+    """12 images in leaves of at most 6: clusters mapped separately and merged into one model of every image."""
+    rec = synthetic_scene(num_images=12, num_points=300, seed=5)
+    names, _ = write_feature_files(tmp_path, rec, seed=5)
+    database.main({"camera_mode": "single"}, tmp_path / "database.db", tmp_path / "features.h5", None,
+                  tmp_path / "pairs.txt", tmp_path / "matches.h5", verification={"ransac": {"random_seed": 0}})
+    opts = {"clustering_options": {"leaf_max_num_images": 6, "image_overlap": 3}, "num_workers": 2}
+    o = mapping.pipeline_options({"mapper": "hierarchical", "options": opts, "seed": 3})
+    assert isinstance(o, pycolmap.HierarchicalPipelineOptions)
+    assert o.clustering_options.leaf_max_num_images == 6 and o.incremental_options.random_seed == 3
+    best, st = mapping.main({"mapper": "hierarchical", "options": opts, "seed": 0}, tmp_path / "database.db",
+                            tmp_path, tmp_path / "out")
+    assert st["mapper"] == "hierarchical" and st["num_models"] == 1 and st["registered"] == names
+    cmp = compare_to_ground_truth(best, rec, max_proj_center_error=0.5)
+    assert cmp["aligned"] and cmp["max_rotation_error_deg"] < 0.5
 
 
 def test_mapping_options_and_errors(verified_db, tmp_path):

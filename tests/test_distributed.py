@@ -96,3 +96,37 @@ def test_ray_skips_unreadable_images(ray_cluster, scene, tmp_path):
                                 ray_conf={"num_workers": 1, "ship_data": True}, progress=False)
     assert list(stats["skipped"]) == ["broken.png"] and "broken.png" in stats["skipped"]["broken.png"]
     assert stats["extracted"] == len(scene.names)
+
+
+def test_pipeline_with_ray_equals_in_process(ray_cluster, scene, tmp_path):
+    """``reconstruct(..., {"ray": ...})`` (the CLI's --ray) writes the files of the in-process run, and leaves a
+    cluster it did not start running."""
+    from cd_sfm import pipeline
+
+    conf = {"features_options": {"max_keypoints": 600}, "max_image_size": 400, "camera_mode": "single"}
+    ref = pipeline.reconstruct(scene.image_dir, tmp_path / "ref", conf, progress=False)
+    dist = pipeline.reconstruct(scene.image_dir, tmp_path / "ray",
+                                {**conf, "ray": "auto", "ray_options": {"num_workers": 2, "match_batch": 2}},
+                                progress=False)
+    assert dist["features_extracted"] == ref["features_extracted"] == len(scene.names)
+    assert dist["pairs_matched"] == ref["pairs_matched"] > 0
+    assert_same_h5(tmp_path / "ref" / "features.h5", tmp_path / "ray" / "features.h5")
+    assert_same_h5(tmp_path / "ref" / "matches.h5", tmp_path / "ray" / "matches.h5")
+    assert dist["num_images_registered"] == ref["num_images_registered"]
+    assert ray_cluster.is_initialized()
+
+
+@pytest.mark.slow  # starts its own local Ray cluster from the CLI (~30 s)
+def test_cli_ray_local_equals_in_process(scene, tmp_path):
+    pytest.importorskip("ray")
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    common = [str(scene.image_dir), "--max-keypoints", "600", "--max-image-size", "400", "--camera-mode", "single",
+              "-q"]
+    for out, extra in (("ref", []), ("ray", ["--ray", "local", "--ray-workers", "2"])):
+        p = subprocess.run([sys.executable, "-m", "cd_sfm.cli", "reconstruct", common[0], str(tmp_path / out),
+                            *common[1:], *extra], capture_output=True, text=True, cwd=repo, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert_same_h5(tmp_path / "ref" / "features.h5", tmp_path / "ray" / "features.h5")
+    assert_same_h5(tmp_path / "ref" / "matches.h5", tmp_path / "ray" / "matches.h5")

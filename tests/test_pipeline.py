@@ -151,8 +151,11 @@ def test_presets_are_valid():
         assert isinstance(opts, pycolmap.IncrementalPipelineOptions)
         opts = mapping.pipeline_options({"mapper": "global", "options": conf["global_options"]})
         assert isinstance(opts, pycolmap.GlobalPipelineOptions)
+        opts = mapping.pipeline_options({"mapper": "hierarchical", "options": conf["hierarchical_options"]})
+        assert isinstance(opts, pycolmap.HierarchicalPipelineOptions)
         assert conf["camera_mode"] in ("auto", "single", "per-folder", "per-image")
-        assert conf["pairs"] in ("exhaustive", "sequential", "retrieval")
+        assert set(pipeline.pair_sources(conf["pairs"])) <= set(pipeline.PAIR_METHODS)
+        assert pipeline.prepare_conf(conf)["mapper"] in mapping.MAPPERS
 
 
 def test_config_precedence_and_errors(tmp_path):

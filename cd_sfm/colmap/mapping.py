@@ -1,12 +1,17 @@
-"""Sparse reconstruction from a verified COLMAP database: incremental (default) or global mapping through pycolmap.
+"""Sparse reconstruction from a verified COLMAP database: incremental (default), global or hierarchical mapping
+through pycolmap.
 
 ``main(conf, database_path, image_dir, output_dir)`` writes ``output_dir/sparse/0`` (COLMAP binary model; the largest
 model when mapping splits into several, the others as ``sparse/1``, ``sparse/2``, ...) and ``output_dir/points.ply``,
 and returns the chosen ``pycolmap.Reconstruction`` (or ``None``) with statistics.
 
 Options go through pycolmap's option objects: ``conf["options"]`` is a dict of attributes of
-``pycolmap.IncrementalPipelineOptions`` (``mapper: incremental``) or ``pycolmap.GlobalPipelineOptions``
-(``mapper: global``); nested option objects take nested dicts (e.g. ``{"mapper": {"init_min_num_inliers": 50}}``).
+``pycolmap.IncrementalPipelineOptions`` (``mapper: incremental``), ``pycolmap.GlobalPipelineOptions``
+(``mapper: global``) or ``pycolmap.HierarchicalPipelineOptions`` (``mapper: hierarchical``: the scene is split into
+overlapping clusters of at most ``clustering_options.leaf_max_num_images`` images, each mapped incrementally with
+``incremental_options``, then merged; for large collections); nested option objects take nested dicts (e.g.
+``{"mapper": {"init_min_num_inliers": 50}}``). The seed goes to ``random_seed`` (hierarchical: to its
+``incremental_options.random_seed``).
 The models are first written to a temporary folder, then moved into place, so ``sparse/`` is never half written.
 """
 
@@ -22,7 +27,7 @@ from ..io import CdSfmError
 
 logger = logging.getLogger(__name__)
 
-MAPPERS = ("incremental", "global")
+MAPPERS = ("incremental", "global", "hierarchical")
 
 default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
                                 "retry_max_images": 300}
@@ -30,6 +35,7 @@ default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 
 confs = {
     "incremental": {"mapper": "incremental", "options": {}},
     "global": {"mapper": "global", "options": {}},
+    "hierarchical": {"mapper": "hierarchical", "options": {}},
     # many images: fewer global bundle adjustments, the rest unchanged
     "large": {"mapper": "incremental", "options": {"ba_global_frames_ratio": 1.4, "ba_global_points_ratio": 1.4}},
 }
@@ -46,7 +52,8 @@ def _apply(obj, values: dict, where: str) -> None:
 
 
 def pipeline_options(conf: dict):
-    """The pycolmap options object for ``conf`` (``IncrementalPipelineOptions`` or ``GlobalPipelineOptions``)."""
+    """The pycolmap options object for ``conf`` (``IncrementalPipelineOptions``, ``GlobalPipelineOptions`` or
+    ``HierarchicalPipelineOptions``)."""
     import pycolmap
 
     mapper = conf.get("mapper", "incremental")
@@ -54,13 +61,21 @@ def pipeline_options(conf: dict):
         opts = pycolmap.IncrementalPipelineOptions()
     elif mapper == "global":
         opts = pycolmap.GlobalPipelineOptions()
+    elif mapper == "hierarchical":
+        opts = pycolmap.HierarchicalPipelineOptions()
     else:
         raise CdSfmError(f"mapper {mapper!r}: expected one of {', '.join(MAPPERS)}")
     _apply(opts, conf.get("options") or {}, "")
     seed = conf.get("seed")
     if seed is not None and int(seed) >= 0:
-        opts.random_seed = int(seed)
+        target = opts.incremental_options if mapper == "hierarchical" else opts
+        target.random_seed = int(seed)
     return opts
+
+
+def _min_num_matches(opts) -> int:
+    inc = getattr(opts, "incremental_options", opts)
+    return int(getattr(inc, "min_num_matches", 15))
 
 
 def model_stats(rec) -> dict:
@@ -90,6 +105,9 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     try:
         if conf["mapper"] == "incremental":
             models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts)
+        elif conf["mapper"] == "hierarchical":
+            opts.image_path = str(image_dir)
+            models = pycolmap.hierarchical_mapping(str(database_path), str(image_dir), str(tmp), opts)
         else:
             models = pycolmap.global_mapping(str(database_path), str(image_dir), str(tmp), opts)
     finally:
@@ -132,7 +150,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     t0 = time.perf_counter()
     seed = conf.get("seed")
     seed = int(seed) if seed is not None else -1
-    num_images = _num_connected_images(database_path, int(getattr(pipeline_options(conf), "min_num_matches", 15)))
+    num_images = _num_connected_images(database_path, _min_num_matches(pipeline_options(conf)))
     retries = int(conf.get("retries") or 0) if num_images <= int(conf.get("retry_max_images") or 0) else 0
     logger.info("Mapping (%s) ...", conf["mapper"])
     ranked: list = []

@@ -24,6 +24,12 @@ def add_parser(subparsers):
     homography.build_parser(_common(s))
     s.set_defaults(func=lambda a: (homography.cli_mine_homography(a), 0)[1])
 
+    from . import mine_sfm
+
+    s = sub.add_parser("mine", help="patch pairs from SfM tracks of TRAIN scenes (SIFT reconstruction) -> .h5")
+    mine_sfm.build_parser(_common(s))
+    s.set_defaults(func=lambda a: (mine_sfm.cli_mine_sfm(a), 0)[1])
+
     s = sub.add_parser("local", help="train (or resume) the local model on mined pairs")
     train_local.build_parser(_common(s))
     s.set_defaults(func=lambda a: (train_local.cli_train_local(a), 0)[1])

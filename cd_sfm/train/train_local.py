@@ -44,6 +44,8 @@ LOG_FIELDS = ["step", "time_s", "kind", "loss", "acc", "mb_loss", "mb_acc", "sca
 class TrainConf:
     data: str = ""
     run_dir: str = ""
+    data_extra: str = ""  # a second mined file (e.g. SfM tracks, `cd-sfm train mine`): its training pairs are mixed in
+    extra_ratio: float = 0.0  # share of each batch drawn from data_extra; 0 = its natural share of all pairs
     # defaults = the default recipe: <= 60 min on the 2-core CPU (the time budget stops, checkpoints and exports)
     steps: int = 1800
     batch: int = 256  # matching pairs per step (2 * batch patches)
@@ -114,7 +116,13 @@ def sample_batch(train: dict, step: int, conf: TrainConf):
     """Batch of ``conf.batch`` pairs, seeded by (seed, step); anchors and positives randomly swapped per pair."""
     rng = np.random.default_rng([conf.seed, step])
     n = len(train["ids"])
-    idx = rng.choice(n, conf.batch, replace=n < conf.batch)
+    n_main = train.get("n_main", n)
+    if n_main < n and conf.extra_ratio > 0:  # mixed data: a fixed share of every batch from the extra file
+        k = int(round(conf.extra_ratio * conf.batch))
+        idx = np.concatenate([rng.choice(n_main, conf.batch - k, replace=n_main < conf.batch - k),
+                              n_main + rng.choice(n - n_main, k, replace=n - n_main < k)])
+    else:
+        idx = rng.choice(n, conf.batch, replace=n < conf.batch)
     p = train["patches"][idx]
     s = train["scales"][idx]
     swap = rng.random(conf.batch) < 0.5
@@ -353,7 +361,8 @@ def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None
         "description": "our own ContextDesc local model (descriptor + matchability), trained on CPU from scratch; "
                        "no augmentation/regional weights",
         "upright": conf.upright,
-        "trained_on": "random homographic warps of the TRAIN scenes of configs/split.yaml",
+        "trained_on": "random homographic warps of the TRAIN scenes of configs/split.yaml"
+                      + (f" + {Path(conf.data_extra).name} (share {conf.extra_ratio or 'natural'})" if conf.data_extra else ""),
         "train_scenes": scenes,
         "train_images": len(image_names),
         "val_images": [_rel_data(n) for n in json.loads(data_attrs.get("val_images", "[]"))],
@@ -398,6 +407,15 @@ def train_local(conf: TrainConf) -> dict:
     (run_dir / "conf.json").write_text(json.dumps(asdict(conf), indent=2) + "\n")
     t_start = time.time()
     train, val, attrs = _load_data(conf.data, conf.max_train_pairs, conf.val_pairs, conf.seed)
+    if conf.data_extra:  # validation stays the main file's; ids shifted so the two files' ids never collide
+        extra, _, _ = _load_data(conf.data_extra, 0, 0, conf.seed)
+        shift = int(train["ids"].max()) + 1 if len(train["ids"]) else 0
+        train = {"patches": np.concatenate([train["patches"], extra["patches"]]),
+                 "scales": np.concatenate([train["scales"], extra["scales"]]),
+                 "ids": np.concatenate([train["ids"], extra["ids"] + shift]), "n_main": len(train["ids"])}
+        logger.info("extra data %s: %d training pairs (batch share %s)", conf.data_extra, len(extra["ids"]),
+                    f"{conf.extra_ratio:g}" if conf.extra_ratio > 0 else "natural")
+        del extra
     logger.info("data: %d training pairs, %d validation pairs", len(train["ids"]), len(val["ids"]))
     trainer = LocalTrainer(conf)
     step0 = trainer.open_run(run_dir)
@@ -530,6 +548,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--jit", action="store_true", help="XLA-compile the train step")
     p.add_argument("--max-train-pairs", type=int, default=0)
+    p.add_argument("--data-extra", default="", help="a second mined .h5 (e.g. SfM tracks from 'cd-sfm train mine') "
+                                                    "whose training pairs are mixed in (validation: the main file's)")
+    p.add_argument("--extra-ratio", type=float, default=0.0,
+                   help="share of each batch from --data-extra (0: its natural share of all pairs)")
     p.add_argument("--upright", action="store_true", help="record the model as upright (mine with --upright too)")
     p.add_argument("--export", default="", help="model name: write cd_sfm/weights/<name>/ when the run completes")
     p.add_argument("--export-dir", default="")
@@ -542,7 +564,7 @@ def conf_from_args(args) -> TrainConf:
         scale_aware=not args.no_scale_aware, seed=args.seed, time_budget_min=args.time_budget,
         val_every=args.val_every, val_pairs=args.val_pairs, ckpt_every=args.ckpt_every, threads=args.threads,
         jit=args.jit, max_train_pairs=args.max_train_pairs, upright=args.upright, export=args.export,
-        export_dir=args.export_dir,
+        export_dir=args.export_dir, data_extra=args.data_extra, extra_ratio=args.extra_ratio,
     )
 
 

@@ -1,0 +1,353 @@
+"""Relative-pose evaluation on image pairs with ground-truth cameras: pose AUC at 5/10/20 degrees.
+
+Scenes: folders of ``../shared/data`` with ``images/`` and ``gt_colmap/`` (a COLMAP model of the true cameras, read
+with ``pycolmap.Reconstruction``; images are matched by name): ``strecha_entry-P10_half`` and
+``middlebury_templeSparseRing`` (EVAL split of ``configs/split.yaml``).
+
+Pairs: every pair of the scene whose optical axes are at most ``max_view_angle`` degrees apart (default 60: pairs
+that look at the same part of the scene; on the 16-view Middlebury ring, views 22.5 and 45 degrees apart; on Strecha
+all pairs but the extreme ones). ``max_view_angle=0`` takes all pairs.
+
+Per pair and method: SIFT keypoints (mapped back to the full-size image and undistorted with the ground-truth camera) (:func:`detect_sift`, the ContextDesc settings) on both images, each descriptor on
+those keypoints, the pipeline's default matching (mutual nearest neighbour, Lowe's ratio 0.8 both ways), then the
+essential matrix from the matches in normalised camera coordinates with ``cv2.findEssentialMat`` (RANSAC,
+threshold ``ransac_px`` pixels divided by the mean focal length, confidence 0.99999, ``cv2.setRNGSeed(seed)`` before
+each call) and ``cv2.recoverPose`` (the candidate E with most inliers wins), as SuperGlue's evaluation does.
+
+Errors: rotation error = angle of R_est^T R_gt; translation error = angle between the estimated and true translation
+directions, min(e, 180 - e) (the sign of t is not observable from E); pose error = max of the two (inf when no pose
+could be estimated). AUC@t = area under the cumulative-error curve up to t, divided by t (SuperGlue / LoFTR).
+Also reported per method: matches, RANSAC inliers and correct matches (Sampson distance to the true epipolar
+geometry <= ``epi_px`` pixels) per pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..io import CdSfmError
+
+logger = logging.getLogger(__name__)
+
+AUC_THRESHOLDS = (5, 10, 20)
+DEFAULT_SCENES = ("strecha_entry-P10_half", "middlebury_templeSparseRing")
+
+
+@dataclass
+class PoseConf:
+    max_keypoints: int = 4096
+    contrast_threshold: float = 0.04  # the ContextDesc detector setting
+    upright: bool = False
+    max_image_size: int = 1600  # images larger than this are downscaled (keypoints mapped back to full size)
+    max_view_angle: float = 60.0  # degrees between optical axes; 0: all pairs
+    ransac_px: float = 1.0
+    ransac_conf: float = 0.99999
+    epi_px: float = 1.0  # Sampson distance for a correct match
+    seed: int = 0
+    ratio: float | None = None  # None: the pipeline's default matching (cd_sfm.config.DEFAULTS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# geometry
+
+
+def rotation_angle(R: np.ndarray) -> float:
+    """Angle in degrees of a rotation matrix."""
+    c = (np.trace(R) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+def angle_between(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle in degrees between two vectors (nan when one is zero)."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return float("nan")
+    return float(np.degrees(np.arccos(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))))
+
+
+def relative_pose(R0, t0, R1, t1) -> tuple[np.ndarray, np.ndarray]:
+    """cam1_from_cam0 of two world-to-camera poses (x_cam = R X + t)."""
+    R = R1 @ R0.T
+    return R, t1 - R @ t0
+
+
+def pose_error(R_est, t_est, R_gt, t_gt) -> tuple[float, float]:
+    """(rotation error, translation direction error) in degrees; the latter is sign-agnostic."""
+    err_R = rotation_angle(np.asarray(R_est).T @ np.asarray(R_gt))
+    e = angle_between(np.asarray(t_est).ravel(), np.asarray(t_gt).ravel())
+    err_t = min(e, 180.0 - e) if np.isfinite(e) else float("inf")
+    return err_R, err_t
+
+
+def pose_auc(errors, thresholds=AUC_THRESHOLDS) -> list[float]:
+    """Area under the recall-vs-error curve up to each threshold, normalised by it (inf / nan count as failures)."""
+    errors = np.asarray(errors, np.float64)
+    errors = np.where(np.isfinite(errors), errors, np.inf)
+    if len(errors) == 0:
+        return [0.0 for _ in thresholds]
+    errors = np.sort(errors)
+    recall = (np.arange(len(errors)) + 1) / len(errors)
+    errors = np.r_[0.0, errors]
+    recall = np.r_[0.0, recall]
+    aucs = []
+    for t in thresholds:
+        last = np.searchsorted(errors, t)
+        r = np.r_[recall[:last], recall[last - 1]]
+        e = np.r_[errors[:last], t]
+        aucs.append(float(np.trapezoid(r, x=e) / t))
+    return aucs
+
+
+def skew(v) -> np.ndarray:
+    x, y, z = np.asarray(v, np.float64).ravel()
+    return np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+
+
+def fundamental_from_pose(K0, K1, R, t) -> np.ndarray:
+    E = skew(t) @ R
+    return np.linalg.inv(K1).T @ E @ np.linalg.inv(K0)
+
+
+def sampson_distance(F, x0, x1) -> np.ndarray:
+    """Sampson distance in pixels of correspondences (N, 2) to x1^T F x0 = 0."""
+    if len(x0) == 0:
+        return np.zeros(0)
+    h0 = np.concatenate([x0, np.ones((len(x0), 1))], 1)
+    h1 = np.concatenate([x1, np.ones((len(x1), 1))], 1)
+    Fx0 = h0 @ F.T
+    Ftx1 = h1 @ F
+    num = np.sum(h1 * Fx0, 1) ** 2
+    den = Fx0[:, 0] ** 2 + Fx0[:, 1] ** 2 + Ftx1[:, 0] ** 2 + Ftx1[:, 1] ** 2
+    return np.sqrt(num / np.maximum(den, 1e-30))
+
+
+def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999, seed: int = 0):
+    """(R, t, inlier mask) of cam1_from_cam0 from pixel correspondences, or None with fewer than 5 matches / no E."""
+    if len(x0) < 5:
+        return None
+    f_mean = np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]])
+    n0 = cv2.undistortPoints(np.asarray(x0, np.float64).reshape(-1, 1, 2), K0, None).reshape(-1, 2)
+    n1 = cv2.undistortPoints(np.asarray(x1, np.float64).reshape(-1, 1, 2), K1, None).reshape(-1, 2)
+    cv2.setRNGSeed(int(seed))
+    E, mask = cv2.findEssentialMat(n0, n1, np.eye(3), threshold=thresh_px / f_mean, prob=conf, method=cv2.RANSAC)
+    if E is None or mask is None:
+        return None
+    best = None
+    for i in range(0, len(E) - len(E) % 3, 3):
+        _E = E[i : i + 3]
+        n, R, t, m = cv2.recoverPose(_E, n0, n1, np.eye(3), 1e9, mask=mask.copy())
+        if best is None or n > best[0]:
+            best = (n, R, t.ravel(), mask.ravel() > 0)
+    if best is None:
+        return None
+    return best[1], best[2], best[3]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ground truth
+
+
+@dataclass
+class GTView:
+    name: str
+    K: np.ndarray  # 3x3, OpenCV pixel-centre convention (COLMAP's principal point - 0.5)
+    R: np.ndarray  # world-to-camera
+    t: np.ndarray
+    size: tuple[int, int]  # width, height
+    camera: object = None  # the pycolmap.Camera (for models with distortion)
+
+    def undistort(self, xy: np.ndarray) -> np.ndarray:
+        """Pixel coordinates (OpenCV convention) of the camera -> those of the ideal pinhole camera ``K``."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        if self.camera is None or self.camera.model.name in ("PINHOLE", "SIMPLE_PINHOLE") or not len(xy):
+            return xy
+        n = np.asarray(self.camera.cam_from_img(xy + 0.5), np.float64)
+        return n @ self.K[:2, :2].T + self.K[:2, 2]
+
+    @property
+    def center(self) -> np.ndarray:
+        return -self.R.T @ self.t
+
+    @property
+    def axis(self) -> np.ndarray:
+        return self.R[2]  # optical axis in world coordinates
+
+
+def load_gt(scene: str | Path) -> dict[str, GTView]:
+    """Ground-truth cameras of a scene folder (``gt_colmap/`` COLMAP model; images named as in ``images/``)."""
+    import pycolmap
+
+    scene = Path(scene)
+    gt = scene / "gt_colmap"
+    if not gt.is_dir():
+        raise CdSfmError(f"{gt}: ground-truth COLMAP model not found")
+    try:
+        rec = pycolmap.Reconstruction(str(gt))
+    except Exception as e:  # noqa: BLE001 - pycolmap raises plain RuntimeErrors
+        raise CdSfmError(f"{gt}: cannot read the COLMAP model ({e})") from e
+    views = {}
+    for im in rec.images.values():
+        cfw = im.cam_from_world() if callable(im.cam_from_world) else im.cam_from_world
+        cam = rec.cameras[im.camera_id]
+        K = np.array(cam.calibration_matrix(), np.float64)
+        K[0, 2] -= 0.5
+        K[1, 2] -= 0.5
+        views[im.name] = GTView(im.name, K, np.array(cfw.rotation.matrix()), np.array(cfw.translation, np.float64),
+                                (int(cam.width), int(cam.height)), cam)
+    if not views:
+        raise CdSfmError(f"{gt}: no images in the ground-truth model")
+    return dict(sorted(views.items()))
+
+
+def select_pairs(views: dict[str, GTView], max_view_angle: float = 60.0) -> list[tuple[str, str]]:
+    """Pairs with optical axes at most ``max_view_angle`` degrees apart (0: all) and a baseline (pairs with the same
+    camera centre, e.g. a view repeated in the data, have no translation direction to evaluate)."""
+    names = list(views)
+    combos = list(itertools.combinations(names, 2))
+    base = {p: float(np.linalg.norm(views[p[0]].center - views[p[1]].center)) for p in combos}
+    scale = float(np.median(list(base.values()))) if base else 0.0
+    out = []
+    for a, b in combos:
+        if max_view_angle and angle_between(views[a].axis, views[b].axis) > max_view_angle:
+            continue
+        if base[(a, b)] <= 1e-6 * scale:
+            continue
+        out.append((a, b))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _read(path: Path, max_size: int):
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise CdSfmError(f"{path}: cannot read image")
+    s = 1.0
+    if max_size and max(img.shape[:2]) > max_size:
+        s = max_size / max(img.shape[:2])
+        img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return rgb, cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), s
+
+
+def _match_conf(conf: PoseConf) -> dict:
+    from .. import config as config_mod
+    from ..matching import resolve_conf
+
+    c = config_mod.DEFAULTS
+    m = resolve_conf(c["matching"])
+    m.update(c.get("matching_options") or {})
+    if conf.ratio is not None:
+        m["ratio"] = conf.ratio
+    return m
+
+
+def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: PoseConf = PoseConf()) -> dict:
+    """Pose errors of every selected pair of one scene for each method; see the module docstring."""
+    from ..features.patches import SiftDetectorConf, detect_sift
+    from ..matching import match_descriptors
+
+    scene = Path(scene)
+    views = load_gt(scene)
+    img_dir = scene / "images"
+    missing = [n for n in views if not (img_dir / n).is_file()]
+    if missing:
+        raise CdSfmError(f"{img_dir}: images of the ground truth not found: {', '.join(missing[:3])}")
+    pairs = select_pairs(views, conf.max_view_angle)
+    mconf = _match_conf(conf)
+    mkw = {k: mconf[k] for k in ("ratio", "mutual", "distance_threshold", "metric", "cross_ratio")}
+    det = SiftDetectorConf(max_keypoints=conf.max_keypoints, contrast_threshold=conf.contrast_threshold,
+                           upright=conf.upright)
+    needed = sorted({n for p in pairs for n in p})
+    feats = {}
+    for name in tqdm(needed, desc=f"features {scene.name}", unit="img"):
+        rgb, gray, s = _read(img_dir / name, conf.max_image_size)
+        kp = detect_sift(gray, det, descriptors=True)
+        desc = {m: np.asarray(f(gray, kp, rgb), np.float32) for m, f in describers.items()}
+        # keypoints in the pixel frame of the full-size ground-truth camera, undistorted to its pinhole K
+        xy = (kp["keypoints"].astype(np.float64) + 0.5) / s - 0.5
+        feats[name] = (views[name].undistort(xy), views[name].K, desc)
+    rows = {m: [] for m in describers}
+    for a, b in tqdm(pairs, desc=f"pairs {scene.name}", unit="pair"):
+        va, vb = views[a], views[b]
+        R_gt, t_gt = relative_pose(va.R, va.t, vb.R, vb.t)
+        xa, Ka, da = feats[a]
+        xb, Kb, db = feats[b]
+        F = fundamental_from_pose(Ka, Kb, R_gt, t_gt)
+        for m in describers:
+            m0, _ = match_descriptors(da[m], db[m], normalized=False, **mkw)
+            i0 = np.flatnonzero(m0 >= 0)
+            p0, p1 = xa[i0], xb[m0[i0]]
+            n_correct = int((sampson_distance(F, p0, p1) <= conf.epi_px).sum())
+            est = estimate_pose(p0, p1, Ka, Kb, conf.ransac_px, conf.ransac_conf, conf.seed)
+            if est is None:
+                err_R = err_t = float("inf")
+                n_inl = 0
+            else:
+                R, t, inl = est
+                err_R, err_t = pose_error(R, t, R_gt, t_gt)
+                n_inl = int(inl.sum())
+            rows[m].append({"pair": [a, b], "n_kpts": [len(xa), len(xb)], "n_matches": int(len(i0)),
+                            "n_correct": n_correct, "n_inliers": n_inl, "err_R": err_R, "err_t": err_t,
+                            "err": max(err_R, err_t),
+                            "view_angle": angle_between(va.axis, vb.axis)})
+    return {"scene": scene.name, "n_images": len(needed), "pairs": len(pairs), "rows": rows}
+
+
+def summarize(rows: list[dict]) -> dict:
+    errs = [r["err"] for r in rows]
+    aucs = pose_auc(errs, AUC_THRESHOLDS)
+    n_matches = np.array([r["n_matches"] for r in rows], np.float64)
+    n_correct = np.array([r["n_correct"] for r in rows], np.float64)
+    return {
+        "auc": {t: a for t, a in zip(AUC_THRESHOLDS, aucs)},
+        "n_pairs": len(rows),
+        "n_matches": float(n_matches.mean()) if len(rows) else 0.0,
+        "n_correct": float(n_correct.mean()) if len(rows) else 0.0,
+        "precision": float(n_correct.sum() / max(n_matches.sum(), 1)),
+        "n_inliers": float(np.mean([r["n_inliers"] for r in rows])) if rows else 0.0,
+        "median_err": float(np.median(errs)) if rows else float("inf"),
+        "failures": int(sum(not np.isfinite(e) for e in errs)),
+    }
+
+
+def evaluate_pairs(scenes: list[str | Path], describers: dict[str, Callable], conf: PoseConf = PoseConf()) -> dict:
+    """Pose AUC per scene and over all pairs of all scenes, for each method.
+
+    Returns {"conf", "scenes": {scene: {method: summary}}, "methods": {method: summary over all pairs},
+    "per_pair": {scene: {method: rows}}}."""
+    per_scene, per_pair = {}, {}
+    all_rows = {m: [] for m in describers}
+    for scene in scenes:
+        res = evaluate_scene(scene, describers, conf)
+        per_pair[res["scene"]] = res["rows"]
+        per_scene[res["scene"]] = {m: summarize(r) for m, r in res["rows"].items()}
+        for m, r in res["rows"].items():
+            all_rows[m].extend(r)
+    return {"conf": asdict(conf), "scenes": per_scene, "methods": {m: summarize(r) for m, r in all_rows.items()},
+            "per_pair": per_pair}
+
+
+def format_table(result: dict) -> str:
+    head = (f"{'scene':<30}{'method':<13}" + "".join(f"{'AUC@' + str(t):>8}" for t in AUC_THRESHOLDS)
+            + f"{'#pairs':>7}{'#match':>8}{'#corr':>8}{'prec':>7}{'#inl':>8}{'fail':>5}")
+    lines = [head, "-" * len(head)]
+    blocks = list(result["scenes"].items()) + [("ALL", result["methods"])]
+    for scene, methods in blocks:
+        for m, r in methods.items():
+            lines.append(f"{scene:<30}{m:<13}" + "".join(f"{100 * r['auc'][t]:8.1f}" for t in AUC_THRESHOLDS)
+                         + f"{r['n_pairs']:7d}{r['n_matches']:8.1f}{r['n_correct']:8.1f}{r['precision']:7.3f}"
+                         + f"{r['n_inliers']:8.1f}{r['failures']:5d}")
+    for m, why in (result.get("absent") or {}).items():
+        lines.append(f"{'':<30}{m:<13}absent: {why}")
+    return "\n".join(lines)

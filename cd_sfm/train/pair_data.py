@@ -1,0 +1,337 @@
+"""Image pairs with whole keypoint sets for training the augmentation network (and end-to-end tuning).
+
+No SfM is needed: a pair is a training image and a random homographic warp of it (the warp sampling and photometric
+augmentation of :mod:`cd_sfm.train.homography`). SIFT keypoints are detected *independently* in both (augmented)
+images with :func:`detect_sift` (4096 largest, as at inference), so each image has its own, realistic keypoint set.
+Ground-truth correspondences: a source keypoint mapped through ``H`` (position, and size/angle through the local
+Jacobian) lies within ``max_dist`` px of a detected target keypoint whose size ratio and angle are compatible; among
+compatible candidates the cheapest (distance + scale + angle terms) is taken, mutually in both directions.
+
+The frozen local model's raw ``conv6_feat`` and matchability of every keypoint are computed once and cached with the
+pair (augmentation training then never runs the CNN); the 32x32 uint8 patches are stored too (end-to-end tuning and
+re-describing with another local model).
+
+h5 layout (flat arrays with offsets; "images" are the two sides of every pair, image 2p = source, 2p + 1 = warp):
+``kpts`` (K, 2) float32 pixels, ``sizes`` (K,), ``angles`` (K,) degrees, ``feat`` (K, 128) float16 raw descriptors,
+``mb`` (K,) float16, ``patches`` (K, 32, 32) uint8, ``img_offset`` (2P + 1,) int64, ``img_size`` (2P, 2) (W, H);
+``matches`` (M, 2) int32 keypoint indices local to each image, ``match_offset`` (P + 1,), ``H`` (P, 3, 3),
+``pair_image`` (P,) index of the source image in ``image_names``, ``is_val`` (P,) bool; attributes
+``image_names``, ``val_images``, ``conf``, ``local_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
+from ..io import CdSfmError
+from .homography import (HomographyConf, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment,
+                         random_homography, warp_keypoints)
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILE = Path(__file__).resolve().parents[2] / "configs" / "split.yaml"
+
+
+@dataclass
+class MatchConf:
+    max_dist: float = 1.5  # px, warped source keypoint to detected target keypoint
+    max_log2_scale: float = 0.5  # |log2(size ratio)| (SIFT levels are 2^(1/3) apart)
+    max_angle_deg: float = 20.0  # orientation difference (ignored when upright)
+    k: int = 8  # candidate neighbours per keypoint
+
+
+@dataclass
+class PairMineConf:
+    max_size: int = 1024
+    warps_per_image: int = 2  # pairs per training image
+    val_warps_per_image: int = 4  # pairs per held-out image
+    upright: bool = False
+    val_every: int = 10  # same held-out rule as the homography miner
+    val_offset: int = 3
+    seed: int = 0
+    photometric_aug: bool = True
+    detector: SiftDetectorConf = field(default_factory=lambda: SiftDetectorConf(max_keypoints=4096))
+    homography: HomographyConf = field(default_factory=HomographyConf)
+    photometric: PhotometricConf = field(default_factory=PhotometricConf)
+    match: MatchConf = field(default_factory=MatchConf)
+
+    def __post_init__(self):
+        if self.upright:
+            self.detector.upright = True
+
+
+def correspondences(kp0: dict, kp1: dict, H: np.ndarray, conf: MatchConf = MatchConf(), upright: bool = False):
+    """Mutual ground-truth correspondences (M, 2) between two detected keypoint sets related by ``H`` (0 -> 1)."""
+    n0, n1 = len(kp0["keypoints"]), len(kp1["keypoints"])
+    if n0 == 0 or n1 == 0:
+        return np.zeros((0, 2), np.int32)
+    wxy, wsize, wang = warp_keypoints(H, kp0["keypoints"], kp0["scales"], kp0["angles"])
+    ok = np.isfinite(wxy).all(1)
+    wxy = np.where(ok[:, None], wxy, 1e9)
+    k = min(conf.k, n1)
+    dist, j = cKDTree(np.asarray(kp1["keypoints"], np.float64)).query(wxy, k=k, distance_upper_bound=conf.max_dist)
+    dist, j = dist.reshape(n0, k), j.reshape(n0, k)
+    i = np.repeat(np.arange(n0)[:, None], k, 1)
+    valid = np.isfinite(dist) & (j < n1) & ok[:, None]
+    i, j, dist = i[valid], j[valid], dist[valid]
+    lscale = np.abs(np.log2(np.asarray(kp1["scales"], np.float64)[j] / np.maximum(wsize[i], 1e-9)))
+    dang = np.abs((np.asarray(kp1["angles"], np.float64)[j] - wang[i] + 180.0) % 360.0 - 180.0)
+    keep = lscale <= conf.max_log2_scale
+    if not upright:
+        keep &= dang <= conf.max_angle_deg
+    else:
+        dang = np.zeros_like(dang)
+    i, j = i[keep], j[keep]
+    cost = dist[keep] / conf.max_dist + lscale[keep] / conf.max_log2_scale + dang[keep] / max(conf.max_angle_deg, 1)
+    if len(i) == 0:
+        return np.zeros((0, 2), np.int32)
+    # best target per source and best source per target; keep the pairs that are both
+    o = np.lexsort((cost, i))
+    best_j = np.full(n0, -1)
+    first = np.r_[True, i[o][1:] != i[o][:-1]]
+    best_j[i[o][first]] = j[o][first]
+    o = np.lexsort((cost, j))
+    best_i = np.full(n1, -1)
+    first = np.r_[True, j[o][1:] != j[o][:-1]]
+    best_i[j[o][first]] = i[o][first]
+    src = np.flatnonzero(best_j >= 0)
+    src = src[best_i[best_j[src]] == src]
+    return np.stack([src, best_j[src]], 1).astype(np.int32)
+
+
+def make_image_pair(gray: np.ndarray, rng: np.random.Generator, conf: PairMineConf = PairMineConf(),
+                    H: np.ndarray | None = None, photometric: bool | None = None) -> dict:
+    """One pair: (augmented) ``gray`` and its random warp, each with its own detected keypoints and uint8 patches,
+    plus the ground-truth ``matches`` (M, 2) and ``H``."""
+    h, w = gray.shape[:2]
+    if H is None:
+        hconf = conf.homography
+        if conf.upright:
+            hconf = HomographyConf(**{**asdict(hconf), "rotation_deg": min(hconf.rotation_deg, 10.0)})
+        H = random_homography(rng, w, h, hconf)
+    photometric = conf.photometric_aug if photometric is None else photometric
+    src = np.asarray(gray, np.float32)
+    warped = cv2.warpPerspective(src, H, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if photometric:
+        src = photometric_augment(src, rng, conf.photometric)
+        warped = photometric_augment(warped, rng, conf.photometric)
+    sides = []
+    for img in (src, warped):
+        img8 = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        kp = detect_sift(img8, conf.detector)
+        p = extract_patches(img8, kp["keypoints"], kp["scales"], kp["angles"], upright=conf.upright,
+                            standardize=False)
+        kp["patches"] = np.clip(np.rint(p), 0, 255).astype(np.uint8)
+        kp["size"] = np.array([w, h], np.int32)
+        sides.append(kp)
+    if conf.upright:
+        for kp in sides:
+            kp["angles"] = np.zeros_like(kp["angles"])
+    matches = correspondences(sides[0], sides[1], H, conf.match, conf.upright)
+    return {"images": sides, "matches": matches, "H": H}
+
+
+def training_images(split_file: str | Path = SPLIT_FILE, data_root: str | Path | None = None) -> list[Path]:
+    """The sorted image list of the TRAIN scenes of ``configs/split.yaml`` (the homography miner's list)."""
+    import yaml
+
+    split = yaml.safe_load(Path(split_file).read_text())
+    root = Path(data_root) if data_root else (Path(split_file).resolve().parents[1] / split["data_root"]).resolve()
+    dirs = [root / d for d in split["train"].values()]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise CdSfmError(f"{missing[0]}: training scene folder not found (data root {root})")
+    return list_images(dirs)
+
+
+class _Writer:
+    """Appends pairs to the flat h5 layout."""
+
+    def __init__(self, f: h5py.File):
+        self.f = f
+        c = lambda name, shape, dt, chunk: f.create_dataset(  # noqa: E731
+            name, (0,) + shape, dt, maxshape=(None,) + shape, chunks=(chunk,) + shape)
+        c("kpts", (2,), np.float32, 4096)
+        c("sizes", (), np.float32, 4096)
+        c("angles", (), np.float32, 4096)
+        c("feat", (128,), np.float16, 1024)
+        c("mb", (), np.float16, 4096)
+        c("patches", (32, 32), np.uint8, 1024)
+        c("img_size", (2,), np.int32, 256)
+        c("matches", (2,), np.int32, 4096)
+        c("H", (3, 3), np.float64, 64)
+        c("pair_image", (), np.int32, 256)
+        c("is_val", (), bool, 256)
+        self.img_offset = [0]
+        self.match_offset = [0]
+
+    def _append(self, name, arr):
+        ds = self.f[name]
+        n = ds.shape[0]
+        ds.resize(n + len(arr), axis=0)
+        ds[n:] = arr
+
+    def add(self, pair: dict, feats, mbs, image_index: int, is_val: bool):
+        for kp, feat, mb in zip(pair["images"], feats, mbs):
+            self._append("kpts", kp["keypoints"].astype(np.float32))
+            self._append("sizes", kp["scales"].astype(np.float32))
+            self._append("angles", kp["angles"].astype(np.float32))
+            self._append("feat", feat.astype(np.float16))
+            self._append("mb", mb.astype(np.float16))
+            self._append("patches", kp["patches"])
+            self._append("img_size", kp["size"][None])
+            self.img_offset.append(self.img_offset[-1] + len(kp["keypoints"]))
+        self._append("matches", pair["matches"])
+        self.match_offset.append(self.match_offset[-1] + len(pair["matches"]))
+        self._append("H", pair["H"][None])
+        self._append("pair_image", np.array([image_index], np.int32))
+        self._append("is_val", np.array([is_val]))
+
+    def close(self):
+        self.f.create_dataset("img_offset", data=np.array(self.img_offset, np.int64))
+        self.f.create_dataset("match_offset", data=np.array(self.match_offset, np.int64))
+
+
+def load_local_runner(weights: str | Path, batch_size: int = 1024):
+    """Inference runner (batch norms folded) of a local model given as a registry name, folder or ``.npz``."""
+    from ..models.local import build_local_model
+    from ..models.runner import ContextDescRunner
+    from ..models.weights import load_weights_npz
+
+    model = build_local_model()
+    p = Path(str(weights))
+    if p.suffix == ".npz":
+        if not p.is_file():
+            raise CdSfmError(f"{p}: local weights not found")
+        load_weights_npz(model, p)
+    else:
+        from ..models import registry
+
+        load_weights_npz(model, registry.resolve(str(weights)).path("local"))
+    return ContextDescRunner({"local": model}, {"local": build_local_model}, batch_size=batch_size)
+
+
+def mine_pairs(images, out_path, local_weights="cd-sfm-v1", conf: PairMineConf = PairMineConf(), names=None) -> dict:
+    """Build pairs from ``images`` (every ``val_every``-th image held out) into ``out_path`` (h5, written to a
+    ``.part`` file and renamed when complete). Each image is seeded from (seed, file name): reproducible."""
+    images = [Path(p) for p in images]
+    if not images:
+        raise CdSfmError("mine-pairs: no images given")
+    names = names or [str(p) for p in images]
+    is_val_img = np.array([conf.val_every > 0 and i % conf.val_every == conf.val_offset % conf.val_every
+                           for i in range(len(images))])
+    runner = load_local_runner(local_weights)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".part")
+    n_pairs = n_matches = 0
+    with h5py.File(tmp, "w") as f:
+        wr = _Writer(f)
+        for idx, (path, name) in enumerate(tqdm(list(zip(images, names)), desc="mine pairs", unit="img")):
+            rng = np.random.default_rng(_seed_for(conf.seed + 1000, Path(name).name))
+            gray = load_gray(path, conf.max_size)
+            for _ in range(conf.val_warps_per_image if is_val_img[idx] else conf.warps_per_image):
+                pair = make_image_pair(gray, rng, conf)
+                n = [len(kp["keypoints"]) for kp in pair["images"]]
+                feat, mb = runner.local(np.concatenate([kp["patches"] for kp in pair["images"]]))
+                wr.add(pair, [feat[: n[0]], feat[n[0]:]], [mb[: n[0]], mb[n[0]:]], idx, bool(is_val_img[idx]))
+                n_pairs += 1
+                n_matches += len(pair["matches"])
+        wr.close()
+        f.attrs["image_names"] = json.dumps(names)
+        f.attrs["val_images"] = json.dumps([n for n, v in zip(names, is_val_img) if v])
+        f.attrs["conf"] = json.dumps(asdict(conf))
+        f.attrs["local_model"] = str(local_weights)
+    tmp.replace(out_path)
+    logger.info("mined %d pairs (%d correspondences) from %d images into %s", n_pairs, n_matches, len(images),
+                out_path)
+    return {"pairs": n_pairs, "matches": n_matches, "images": len(images), "val_images": int(is_val_img.sum()),
+            "path": str(out_path)}
+
+
+def read_pairs(path: str | Path, which: str = "all", patches: bool = False) -> dict:
+    """Load a pair file into memory: per pair a dict with ``feat`` (2 arrays), ``mb``, ``xy`` (normalised),
+    ``kpts``, ``matches``, ``H``, ``is_val``, and ``patches`` when asked. ``which``: all | train | val."""
+    path = Path(path)
+    if not path.is_file():
+        raise CdSfmError(f"{path}: pair data not found (build it with 'cd-sfm train mine-pairs')")
+    with h5py.File(path, "r") as f:
+        for k in ("feat", "matches", "img_offset", "match_offset"):
+            if k not in f:
+                raise CdSfmError(f"{path}: not a mined pair file (no '{k}')")
+        io, mo = f["img_offset"][()], f["match_offset"][()]
+        is_val = f["is_val"][()]
+        sel = {"all": np.arange(len(is_val)), "train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}[which]
+        data = {k: f[k][()] for k in ("kpts", "feat", "mb", "img_size", "matches", "H", "pair_image")}
+        attrs = {k: f.attrs[k] for k in f.attrs}
+        pairs = []
+        for p in sel:
+            item = {"H": data["H"][p], "matches": data["matches"][mo[p] : mo[p + 1]], "is_val": bool(is_val[p]),
+                    "image": int(data["pair_image"][p]), "feat": [], "mb": [], "xy": [], "kpts": [], "patches": []}
+            for s in (2 * p, 2 * p + 1):
+                a, b = io[s], io[s + 1]
+                w, h = data["img_size"][s]
+                xy = data["kpts"][a:b]
+                item["kpts"].append(xy)
+                item["xy"].append(np.stack([(xy[:, 0] - w / 2) / (w / 2), (xy[:, 1] - h / 2) / (h / 2)], -1)
+                                  .astype(np.float32))
+                item["feat"].append(data["feat"][a:b])
+                item["mb"].append(data["mb"][a:b].astype(np.float32))
+                if patches:
+                    item["patches"].append(f["patches"][a:b])
+            pairs.append(item)
+    return {"pairs": pairs, "attrs": attrs}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="cd-sfm train mine-pairs", description=__doc__.split("\n")[0])
+    p.add_argument("output", help="output .h5")
+    p.add_argument("--images", nargs="*", default=None,
+                   help="image folders/files (default: the TRAIN scenes of configs/split.yaml)")
+    p.add_argument("--local", default="cd-sfm-v1", help="frozen local model: registry name, folder or .npz")
+    p.add_argument("--warps-per-image", type=int, default=PairMineConf.warps_per_image)
+    p.add_argument("--val-warps-per-image", type=int, default=PairMineConf.val_warps_per_image)
+    p.add_argument("--max-size", type=int, default=PairMineConf.max_size)
+    p.add_argument("--max-rotation", type=float, default=HomographyConf.rotation_deg, help="degrees (uniform +-)")
+    p.add_argument("--upright", action="store_true")
+    p.add_argument("--val-every", type=int, default=PairMineConf.val_every)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def cli_mine_pairs(args) -> dict:
+    if not isinstance(args, argparse.Namespace):
+        args = build_parser().parse_args(args)
+    if not str(args.output).endswith((".h5", ".hdf5")):
+        raise CdSfmError(f"{args.output}: the output must be an .h5 file")
+    images = list_images(args.images) if args.images else training_images()
+    if not images:
+        raise CdSfmError("mine-pairs: no images found")
+    conf = PairMineConf(max_size=args.max_size, warps_per_image=args.warps_per_image,
+                        val_warps_per_image=args.val_warps_per_image, upright=args.upright,
+                        val_every=args.val_every, seed=args.seed,
+                        homography=HomographyConf(rotation_deg=args.max_rotation))
+    res = mine_pairs(images, args.output, args.local, conf)
+    print(f"{res['pairs']} pairs ({res['matches']} correspondences) from {res['images']} images "
+          f"({res['val_images']} validation images) -> {args.output}")
+    return res
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return cli_mine_pairs(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
