@@ -4,7 +4,8 @@ once per method into ``work_dir/<scene>/<method>/``.
 All methods use the same keypoints (the detector settings of ``SfmEvalConf``: ContextDesc's SIFT settings, the same
 image size) and the pipeline's default pairs, matching, verification and mapper (seed 0), so only the descriptor
 differs. Methods: ``rootsift`` (features preset ``rootsift``), ``local`` (``contextdesc`` with ``augment: false``),
-``contextdesc`` (augmented; absent when the model has no augmentation weights).
+``contextdesc`` (augmented; absent when the model has no augmentation weights); the model goes in the config's
+``model`` key.
 
 Reported: registered images, 3D points, mean track length, mean reprojection error, verified pairs, time per stage;
 when the scene has ``gt_colmap/``, the reconstruction is aligned to it (similarity from the projection centres, see
@@ -49,7 +50,7 @@ def method_config(method: str, model: str, conf: SfmEvalConf) -> dict | None:
 
             if registry.resolve(model).path("augment") is None:
                 return None
-        return {**base, "features": "contextdesc", "features_options": {**det, "model": model, "augment": augment}}
+        return {**base, "features": "contextdesc", "features_options": det, "model": model, "augment": augment}
     raise CdSfmError(f"unknown method {method!r}")
 
 
