@@ -66,7 +66,7 @@ def pairs_h5(tmp_path_factory):
 
 
 def _conf(data, run_dir, steps, **kw):
-    kw = {"pairs_per_step": 1, "matches_per_pair": 32, "val_every": 2, "ckpt_every": 1, "log_every": 1,
+    kw = {"pairs_per_step": 1, "matches_per_pair": 32, "val_every": 100, "ckpt_every": 1, "log_every": 1,
           "warmup": 1, "max_kpts": 320, "lr": 1e-2, **kw}
     return ta.AugTrainConf(data=str(data), run_dir=str(run_dir), steps=steps, **kw)
 
@@ -80,28 +80,53 @@ def test_read_pairs_layout(pairs_h5):
     assert np.abs(p["xy"][0]).max() <= 1.0 and p["matches"].max(0)[0] < n0
 
 
-def test_train_resume_export_backend(pairs_h5, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def aug_run(pairs_h5, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("augrun")
+    run = tmp / "run"
     r1 = ta.train_augment(_conf(pairs_h5, run, 2))
+    r2 = ta.train_augment(_conf(pairs_h5, run, 3, export="unit-aug", export_dir=str(tmp / "w")))
+    return run, r1, r2, tmp / "w" / "unit-aug"
+
+
+def test_train_and_resume(aug_run):
+    run, r1, r2, _ = aug_run
     v0 = [r for r in ta._read_log(run / "log.csv") if r["kind"] == "val"][0]
     assert v0["step"] == "0" and v0["val_top1_raw"] == v0["val_top1_aug"]  # zero-initialised: starts from raw
-    assert r1["step"] == 2 and (run / "curves.png").exists()
-    r2 = ta.train_augment(_conf(pairs_h5, run, 3, export="unit-aug", export_dir=str(tmp_path / "w")))
-    assert r2["step"] == 3
+    assert r1["step"] == 2 and r2["step"] == 3 and (run / "curves.png").exists()
     assert [int(r["step"]) for r in ta._read_log(run / "log.csv") if r["kind"] == "train"] == [1, 2, 3]
-    folder = tmp_path / "w" / "unit-aug"
+
+
+def test_export_loads_in_backend(aug_run):
+    folder = aug_run[3]
     assert (folder / "augment.npz").exists() and (folder / "local.npz").exists()
     info = json.loads((folder / "info.json").read_text())
-    assert info["augment"]["steps"] == 3 and "val_top1_aug" in info["augment"]["validation"]
+    assert info["name"] == "unit-aug" and info["augment"]["steps"] == 3
+    assert "val_top1_aug" in info["augment"]["validation"]
 
     from cd_sfm.features.contextdesc import ContextDescBackend
 
-    img = _texture(7)
     b = ContextDescBackend(model=str(folder), max_keypoints=200)
     assert b.runner.has_augment and not b.runner.has_regional
-    f = b.extract_with_local(img)
+    f = b.extract_with_local(_texture(7))
     assert np.allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-5)
     assert not np.allclose(f["descriptors"], f["local_descriptors"], atol=1e-3)  # augmented != raw
+
+    # the training path (geometric sub-model added to the raw descriptors) == the inference runner's full model
+    from cd_sfm.models.augment import build_augment_model
+    from cd_sfm.models.weights import load_weights_npz
+
+    aug = build_augment_model(visual=False)
+    load_weights_npz(aug, folder / "augment.npz")
+    rng = np.random.default_rng(0)
+    n = 150
+    feat = rng.normal(0, 10, (n, 128)).astype(np.float32)
+    mb = rng.uniform(0.5, 1, n).astype(np.float32)
+    xy = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+    geo = ta.geo_submodel(aug)({"local_feat": feat[None], "kpt_m": mb[None, :, None], "kpt_xy": xy[None],
+                                "kpt_mask": np.ones((1, n), np.float32)}, training=False).numpy()[0]
+    assert np.abs(geo).max() > 1e-3
+    assert np.allclose(b.runner.augment(feat, mb, xy), ta._l2n(feat + geo), atol=1e-4)
 
 
 def test_training_reduces_loss(pairs_h5, tmp_path):
@@ -116,7 +141,7 @@ def test_training_reduces_loss(pairs_h5, tmp_path):
 
 
 def test_e2e_step_runs(pairs_h5, tmp_path):
-    r = ta.train_augment(_conf(pairs_h5, tmp_path / "e2e", 1, mode="e2e", matches_per_pair=16, export="unit-e2e",
+    r = ta.train_augment(_conf(pairs_h5, tmp_path / "e2e", 1, mode="e2e", matches_per_pair=8, export="unit-e2e",
                                export_dir=str(tmp_path / "w")))
     assert r["step"] == 1 and np.isfinite(r["val"]["val_top1_aug"])
     assert (tmp_path / "w" / "unit-e2e" / "local.npz").exists()

@@ -304,6 +304,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--val-warps-per-image", type=int, default=PairMineConf.val_warps_per_image)
     p.add_argument("--max-size", type=int, default=PairMineConf.max_size)
     p.add_argument("--max-rotation", type=float, default=HomographyConf.rotation_deg, help="degrees (uniform +-)")
+    p.add_argument("--max-scale", type=float, default=HomographyConf.scale_max,
+                   help="overall scale log-uniform in [1/s, s]")
     p.add_argument("--upright", action="store_true")
     p.add_argument("--val-every", type=int, default=PairMineConf.val_every)
     p.add_argument("--seed", type=int, default=0)
@@ -321,7 +323,8 @@ def cli_mine_pairs(args) -> dict:
     conf = PairMineConf(max_size=args.max_size, warps_per_image=args.warps_per_image,
                         val_warps_per_image=args.val_warps_per_image, upright=args.upright,
                         val_every=args.val_every, seed=args.seed,
-                        homography=HomographyConf(rotation_deg=args.max_rotation))
+                        homography=HomographyConf(rotation_deg=args.max_rotation, scale_min=1 / args.max_scale,
+                                                  scale_max=args.max_scale))
     res = mine_pairs(images, args.output, args.local, conf)
     print(f"{res['pairs']} pairs ({res['matches']} correspondences) from {res['images']} images "
           f"({res['val_images']} validation images) -> {args.output}")

@@ -12,8 +12,8 @@ Its last layer (``geo_context_context_trans``) starts at zero, so training start
 Batch norms of the geometric branch follow context normalisation (zero mean, unit variance per image), so they run
 in inference mode with their initial statistics (0, 1) - an exact identity that padding cannot disturb.
 
-Loss over the corresponding keypoints of each pair (in-pair negatives): ``triplet`` (hardest-in-pair, the local
-default) or ``npair`` (the authors' scale-aware N-pair loss).
+Loss over the corresponding keypoints of each pair (in-pair negatives): ``npair`` (the authors' N-pair loss, no
+scale weighting; the default: it beat ``triplet``, hardest-in-pair, on the held-out pairs) or ``triplet``.
 
 ``mode="e2e"``: the local CNN is trained too (gradient through the 32x32 patches of the subset, BN in training mode);
 the matchability head gets its own BCE (as in :mod:`train_local`); the geometric branch takes the cached matchability.
@@ -64,7 +64,7 @@ class AugTrainConf:
     steps: int = 1500
     pairs_per_step: int = 2
     matches_per_pair: int = 512  # e2e default 128 (2 x 128 patches per pair through the CNN)
-    loss: str = "triplet"  # triplet | npair
+    loss: str = "npair"  # npair (won the held-out comparison, docs/training.md) | triplet
     lr: float = 1e-3
     local_lr: float = 1e-4  # e2e: learning rate of the local CNN
     lr_min: float = 1e-5
@@ -74,6 +74,7 @@ class AugTrainConf:
     seed: int = 0
     time_budget_min: float = 30.0
     val_every: int = 100
+    val_pairs: int = 0  # 0 = all held-out pairs; else that many, evenly spread (e2e re-describes every patch)
     ckpt_every: int = 50
     log_every: int = 10
     keep_ckpts: int = 3
@@ -119,14 +120,12 @@ def sample_batch(pairs, step: int, conf: AugTrainConf, patches: bool = False):
         sel[r], ids[r] = m[k], k
     mb, xy, mask = _pad_sets(pairs, idx, conf.max_kpts)
     out = {"mb": mb, "xy": xy, "mask": mask, "sel": sel, "ids": ids}
-    r = np.arange(len(idx))[:, None]
     if patches:
         out["patches"] = np.stack([np.stack([pairs[p]["patches"][s][sel[i, :, s]] for s in range(2)], 1)
                                    for i, p in enumerate(idx)])  # (P, K, 2, 32, 32) uint8
     else:
         out["local"] = np.stack([np.stack([pairs[p]["feat"][s][sel[i, :, s]] for s in range(2)], 1)
                                  for i, p in enumerate(idx)]).astype(np.float32)  # (P, K, 2, 128)
-    del r
     return out
 
 
@@ -188,9 +187,7 @@ class AugTrainer:
         self.ckpt = tf.train.Checkpoint(step=self.step, **objects)
         self.manager = None
         self._train_step = tf.function(self._step_impl, reduce_retracing=True)
-        self._geo = tf.function(lambda mb, xy, mask: self.geo({"local_feat": tf.zeros(tf.concat(
-            [tf.shape(xy)[:2], [128]], 0)), "kpt_m": mb, "kpt_xy": xy, "kpt_mask": mask}, training=False),
-            reduce_retracing=True)
+        self._geo = tf.function(self._geo_terms, reduce_retracing=True)
 
     def _geo_terms(self, mb, xy, mask):
         tf = self.tf
@@ -252,7 +249,7 @@ class AugTrainer:
         return [float(v) for v in out]
 
     # ---- inference
-    def describe_local(self, patches: np.ndarray, batch: int = 1024):
+    def describe_local(self, patches: np.ndarray, batch: int = 512):
         """e2e: raw local descriptors and matchability of (N, 32, 32) patches with the current local model."""
         tf = self.tf
         feats, mbs = [], []
@@ -448,6 +445,8 @@ def train_augment(conf: AugTrainConf) -> dict:
     attrs = data["attrs"]
     train = [p for p in data["pairs"] if not p["is_val"] and len(p["matches"])]
     val = [p for p in data["pairs"] if p["is_val"]]
+    if conf.val_pairs and len(val) > conf.val_pairs:
+        val = [val[i] for i in np.unique(np.linspace(0, len(val) - 1, conf.val_pairs).round().astype(int))]
     if not train:
         raise CdSfmError(f"{conf.data}: no training pairs with correspondences")
     local_name = conf.local or str(attrs.get("local_model", "cd-sfm-v1"))
@@ -597,7 +596,7 @@ def export_weights(aug, local, name: str, meta: dict, export_dir=None, local_pat
         logger.warning("%s: its local.npz is not the local model the augmentation was trained with (%s)",
                        out, local_path)
     info = json.loads((out / "info.json").read_text()) if (out / "info.json").exists() else {}
-    info.setdefault("name", name)
+    info["name"] = name
     info.setdefault("source", "shipped")
     info["augment"] = meta
     if local is not None:
@@ -671,6 +670,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None, mode: str = "aug
     p.add_argument("--time-budget", type=float, default=d.time_budget_min,
                    help="minutes of this process; checkpoint, stop (and export) when reached; 0 = no limit")
     p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--val-pairs", type=int, default=8 if e2e else d.val_pairs,
+                   help="held-out pairs used for validation (0 = all)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--threads", type=int, default=0)
     if e2e:
@@ -688,7 +689,8 @@ def conf_from_args(args) -> AugTrainConf:
     return AugTrainConf(
         data=args.data, run_dir=args.run_dir, mode=args.mode, steps=args.steps, pairs_per_step=args.pairs_per_step,
         matches_per_pair=args.matches_per_pair, loss=args.loss, lr=args.lr, warmup=args.warmup, seed=args.seed,
-        time_budget_min=args.time_budget, val_every=args.val_every, ckpt_every=args.ckpt_every,
+        time_budget_min=args.time_budget, val_every=args.val_every, val_pairs=args.val_pairs,
+        ckpt_every=args.ckpt_every,
         threads=args.threads, local_lr=getattr(args, "local_lr", AugTrainConf.local_lr),
         local=getattr(args, "local", ""), init_augment=getattr(args, "init_augment", ""), export=args.export,
         export_dir=args.export_dir,
