@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "features_options": {},
     "model": None,
     "augment": True,
+    "model_digest": None,  # recorded by the pipeline (hash of the ContextDesc weights used), not set by users
     "pairs": "exhaustive",
     "overlap": 10,
     "num_neighbors": 20,
@@ -74,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # keys whose change makes existing feature / match files of an output folder stale
-FEATURE_KEYS = ("features", "max_image_size", "features_options", "model", "augment")
+FEATURE_KEYS = ("features", "max_image_size", "features_options", "model", "model_digest", "augment")
 MATCHING_KEYS = FEATURE_KEYS + ("matching", "matching_options")
 
 

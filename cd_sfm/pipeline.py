@@ -88,7 +88,7 @@ def _comparable(conf: dict | None) -> dict | None:
     except CdSfmError:  # an old config naming a preset that is gone: compare as written
         cd = True
     if not cd:
-        out["model"], out["augment"] = None, True
+        out["model"], out["augment"], out["model_digest"] = None, True, None
     elif out.get("model") is None:
         from .models.registry import DEFAULT_MODEL
 
@@ -176,6 +176,8 @@ def prepare_conf(conf: dict | str | None, check_pairs: bool = True) -> dict:
         entry = registry.resolve(name)  # unknown name: one line listing the available models
         by_name = {(d / entry.name).resolve() for d in (registry.models_dir(), registry.PACKAGE_WEIGHTS)}
         conf["model"] = entry.name if entry.folder.resolve() in by_name else str(entry.folder.resolve())
+        used = ("local", "augment", "regional") if conf.get("augment", True) else ("local",)
+        conf["model_digest"] = entry.digest(used)
     sources = pair_sources(conf["pairs"]) if check_pairs else []
     for src in sources:
         if src not in PAIR_METHODS and not Path(src).is_file():

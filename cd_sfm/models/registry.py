@@ -118,6 +118,21 @@ class ModelInfo:
     def components(self) -> list[str]:
         return [c for c in COMPONENTS if self.path(c)]
 
+    def digest(self, components=COMPONENTS) -> str:
+        """Short SHA-256 of the weight files of ``components`` that exist: output folders record it, so features
+        made with other weights under the same name are recognised as stale."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for c in components:
+            p = self.path(c)
+            if p is not None:
+                h.update(c.encode())
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+        return h.hexdigest()[:16]
+
     @property
     def trained_on(self) -> str:
         t = self.info.get("trained_on")
