@@ -102,6 +102,8 @@ def check_not_stale(out_dir: Path, conf: dict, overwrite: bool) -> None:
         return
     old = _comparable(config_mod.read_saved(out_dir / "config.yaml"))
     conf = _comparable(conf)
+    if old is not None and conf is not None and old.get("model_digest") is None:
+        conf["model_digest"] = None  # saved before weights were fingerprinted: compare by model name only
     for fname, keys in ((FEATURES, config_mod.FEATURE_KEYS), (MATCHES, config_mod.MATCHING_KEYS)):
         path = out_dir / fname
         if not (path.exists() or path.with_name(path.name + ".parts").exists()):
