@@ -46,7 +46,7 @@ import yaml
 from .io import CdSfmError, atomic_write_text
 
 DEFAULTS: dict[str, Any] = {
-    "features": "sift",
+    "features": "contextdesc",
     "max_image_size": None,
     "features_options": {},
     "model": None,

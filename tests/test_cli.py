@@ -67,7 +67,7 @@ def test_errors_are_one_line_with_status_2(tmp_path, scene):
 def test_stage_subcommands(scene, tmp_path, capsys):
     out = tmp_path / "out"
     img = str(scene.image_dir)
-    assert cli.main(["extract", img, str(out), "--max-keypoints", "2048", "-q"]) == 0
+    assert cli.main(["extract", img, str(out), "--features", "sift", "--max-keypoints", "2048", "-q"]) == 0
     assert "Features of 6 / 6 images" in capsys.readouterr().out
     assert len(list_h5_names(out / "features.h5")) == 6
     assert cli.main(["pairs", img, str(out), "--pairs", "sequential", "--overlap", "2", "-q"]) == 0
@@ -94,7 +94,8 @@ def test_demo(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Registered 5 / 5 images" in text and "Against ground truth (5 cameras)" in text
     s = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert s["ground_truth"]["aligned"] and s["ground_truth"]["max_rotation_error_deg"] < 0.5
+    # default features (ContextDesc): the rendered scene is far from the photos it was trained on, so looser than SIFT
+    assert s["ground_truth"]["aligned"] and s["ground_truth"]["max_rotation_error_deg"] < 1.0
 
 
 def test_interrupted_extraction_then_resume(scene, tmp_path, monkeypatch):
@@ -104,7 +105,7 @@ def test_interrupted_extraction_then_resume(scene, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     args = ["reconstruct", str(scene.image_dir), str(out), "--pairs", "sequential", "--overlap", "2",
-            "--camera-mode", "single", "--max-keypoints", "2048", "-q"]
+            "--camera-mode", "single", "--features", "sift", "--max-keypoints", "2048", "-q"]
     real, calls = sift.SiftBackend.extract, []
 
     def interrupted(self, image):

@@ -84,7 +84,7 @@ def test_fewer_than_two_usable_images(scene, tmp_path):
 
 def test_run_rerun_reuses_and_settings_guard(scene, tmp_path):
     out = tmp_path / "out"
-    conf = {"camera_mode": "single", "features_options": {"max_keypoints": 2048}}
+    conf = {"features": "sift", "camera_mode": "single", "features_options": {"max_keypoints": 2048}}
     first = pipeline.reconstruct(scene.image_dir, out, conf, progress=False)
     for f in ("database.db", "features.h5", "matches.h5", "pairs.txt", "points.ply", "summary.json", "config.yaml"):
         assert (out / f).exists(), f

@@ -61,7 +61,8 @@ def test_model_flags_reach_the_backend_conf(tmp_path, empty_home):
     conf = pipeline.prepare_conf(parse("reconstruct", "i", "o", "--features", "contextdesc", "--model",
                                        registry.DEFAULT_MODEL, "--no-augment"))
     assert conf["model"] == registry.DEFAULT_MODEL and conf["augment"] is False
-    assert pipeline.feature_conf(conf)["options"] == {"model": registry.DEFAULT_MODEL, "augment": False}
+    opts = pipeline.feature_conf(conf)["options"]
+    assert opts["model"] == registry.DEFAULT_MODEL and opts["augment"] is False
     # default: the shipped model, recorded by name
     conf = pipeline.prepare_conf(parse("extract", "i", "o", "--features", "contextdesc"))
     assert conf["model"] == registry.DEFAULT_MODEL and pipeline.feature_conf(conf)["options"]["model"] == conf["model"]
@@ -80,9 +81,9 @@ def test_model_flags_reach_the_backend_conf(tmp_path, empty_home):
                                   "model": registry.DEFAULT_MODEL})
     assert pipeline.feature_conf(conf)["options"]["model"] == registry.DEFAULT_MODEL
     # SIFT ignores a model from a config, but a --model flag with SIFT features is an error
-    assert pipeline.feature_conf(pipeline.prepare_conf({"model": "whatever"}))["backend"] == "sift"
+    assert pipeline.feature_conf(pipeline.prepare_conf({"features": "sift", "model": "whatever"}))["backend"] == "sift"
     with pytest.raises(CdSfmError, match="--model: only for ContextDesc features.*--features contextdesc"):
-        parse("reconstruct", "i", "o", "--model", registry.DEFAULT_MODEL)
+        parse("reconstruct", "i", "o", "--features", "sift", "--model", registry.DEFAULT_MODEL)
 
 
 def test_unknown_model_is_one_line_listing_the_models(scene, tmp_path, empty_home, capsys):
@@ -116,8 +117,9 @@ def test_other_model_makes_features_stale(tmp_path, empty_home):
     # a config saved before the model key existed means the shipped model; SIFT runs ignore the key
     config_mod.save_config(config_mod.resolve(base), out / "config.yaml")
     pipeline.check_not_stale(out, pipeline.prepare_conf(base), overwrite=False)
-    config_mod.save_config(config_mod.resolve({}), out / "config.yaml")
-    pipeline.check_not_stale(out, pipeline.prepare_conf({"model": str(mine), "augment": False}), overwrite=False)
+    config_mod.save_config(config_mod.resolve({"features": "sift"}), out / "config.yaml")
+    pipeline.check_not_stale(out, pipeline.prepare_conf({"features": "sift", "model": str(mine), "augment": False}),
+                             overwrite=False)
 
 
 def test_contextdesc_extract_with_model_folder_and_no_augment(tmp_path, empty_home, capsys):
@@ -272,7 +274,7 @@ def test_sift_hierarchical_reconstruct_imports_no_ray(tmp_path):
         scene = render_scene({str(tmp_path / 'scene')!r}, num_images=5, num_points=200, width=480, height=360,
                              patch_radius=12)
         s = cd_sfm.pipeline.reconstruct(scene.image_dir, {str(tmp_path / 'out')!r},
-                                        {{"camera_mode": "single", "mapper": "hierarchical"}}, progress=False)
+                                        {{"features": "sift", "camera_mode": "single", "mapper": "hierarchical"}}, progress=False)
         print(json.dumps({{"ray": "ray" in sys.modules, "registered": s["num_images_registered"],
                           "mapper": s["mapper"]}}))
     """)

@@ -63,17 +63,19 @@ confs: dict[str, dict] = {
         "descriptor_dtype": "float16",
     },
     # the learned descriptor; its options are ContextDescBackend.Conf fields (the backend's defaults when empty)
+    # the same keypoints as the sift preset (8192, contrast 0.02); bf16 where the CPU computes it natively
     "contextdesc": {
-        "output": "feats-contextdesc-r1600",
+        "output": "feats-contextdesc-n8192-r1600",
         "backend": "contextdesc",
-        "options": {},
+        "options": {"max_keypoints": 8192, "contrast_threshold": 0.02, "precision": "auto"},
         "max_image_size": 1600,
         "descriptor_dtype": "float16",
     },
+    # the original ContextDesc keypoint settings (4096, contrast 0.04) on smaller images
     "contextdesc-fast": {
-        "output": "feats-contextdesc-r1024",
+        "output": "feats-contextdesc-n4096-r1024",
         "backend": "contextdesc",
-        "options": {},
+        "options": {"precision": "auto"},
         "max_image_size": 1024,
         "descriptor_dtype": "float16",
     },
