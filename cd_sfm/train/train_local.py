@@ -59,7 +59,7 @@ class TrainConf:
     init_log_scale: float = 2.3  # exp(2.3) ~ 10
     mb_weight: float = 1.0
     seed: int = 0
-    time_budget_min: float = 55.0  # stop (checkpoint, export) after this many minutes of this process; 0 = none
+    time_budget_min: float = 50.0  # stop (checkpoint, export) after this many minutes of this process; 0 = none
     val_every: int = 250
     val_pairs: int = 2048
     val_block: int = 1024  # in-batch top-1 accuracy among blocks of this many pairs
