@@ -140,7 +140,7 @@ def test_kill_during_extraction_then_resume(tmp_path):
     scene = render_scene(tmp_path / "scene", num_images=24, num_points=200, width=640, height=480, patch_radius=12)
     out = tmp_path / "out"
     args = ["reconstruct", scene.image_dir, out, "--pairs", "sequential", "--overlap", "4", "--camera-mode", "single",
-            "-q"]
+            "--features", "sift", "-q"]
     proc = subprocess.Popen([sys.executable, "-m", "cd_sfm.cli", *map(str, args)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     parts = out / "features.h5.parts"
