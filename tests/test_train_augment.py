@@ -11,6 +11,7 @@ pytest.importorskip("tensorflow")
 from cd_sfm.features.patches import SiftDetectorConf
 from cd_sfm.models import registry
 from cd_sfm.train import pair_data as pdata
+from cd_sfm.train import runlog
 from cd_sfm.train import train_augment as ta
 from cd_sfm.train.homography import list_images, warp_points
 
@@ -91,10 +92,10 @@ def aug_run(pairs_h5, tmp_path_factory):
 
 def test_train_and_resume(aug_run):
     run, r1, r2, _ = aug_run
-    v0 = [r for r in ta._read_log(run / "log.csv") if r["kind"] == "val"][0]
+    v0 = [r for r in runlog.read_log(run / "log.csv") if r["kind"] == "val"][0]
     assert v0["step"] == "0" and v0["val_top1_raw"] == v0["val_top1_aug"]  # zero-initialised: starts from raw
     assert r1["step"] == 2 and r2["step"] == 3 and (run / "curves.png").exists()
-    assert [int(r["step"]) for r in ta._read_log(run / "log.csv") if r["kind"] == "train"] == [1, 2, 3]
+    assert [int(r["step"]) for r in runlog.read_log(run / "log.csv") if r["kind"] == "train"] == [1, 2, 3]
 
 
 def test_export_loads_in_backend(aug_run):

@@ -9,6 +9,7 @@ pytest.importorskip("tensorflow")
 from cd_sfm.models.local import build_local_model
 from cd_sfm.models.weights import load_weights_npz
 from cd_sfm.train import homography as hg
+from cd_sfm.train import runlog
 from cd_sfm.train import train_local as tl
 
 
@@ -35,7 +36,7 @@ def test_train_resume_and_export(mined, tmp_path):
     assert r1["step"] == 2 and (run / "log.csv").exists() and (run / "curves.png").exists()
     r2 = tl.train_local(_conf(mined, run, 3, loss="npair", export="unit-test", export_dir=str(tmp_path / "weights")))
     assert r2["step"] == 3  # resumed: one more step, not three
-    steps = [int(json.loads(json.dumps(r))["step"]) for r in tl._read_log(run / "log.csv") if r["kind"] == "train"]
+    steps = [int(json.loads(json.dumps(r))["step"]) for r in runlog.read_log(run / "log.csv") if r["kind"] == "train"]
     assert steps == [1, 2, 3]
     npz = tmp_path / "weights" / "unit-test" / "local.npz"
     info = json.loads((npz.parent / "info.json").read_text())

@@ -28,7 +28,6 @@ running the same command again resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import hashlib
 import json
@@ -47,6 +46,7 @@ from tqdm import tqdm
 
 from ..io import CdSfmError
 from .pair_data import read_pairs
+from .runlog import append_log, read_log, warmup_cosine, write_log
 
 logger = logging.getLogger(__name__)
 
@@ -345,40 +345,13 @@ def validation_metrics(val_pairs, describe) -> dict:
 # log / curves
 
 
-def _read_log(path: Path, upto: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [r for r in rows if upto is None or int(r["step"]) <= upto]
-
-
-def _write_log(path: Path, rows):
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in LOG_FIELDS})
-    os.replace(tmp, path)
-
-
-def _append_log(path: Path, row: dict):
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_FIELDS})
-
-
 def plot_curves(log_path: Path, out_png: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_log(log_path)
+    rows = read_log(log_path)
     tr = [r for r in rows if r["kind"] == "train"]
     va = [r for r in rows if r["kind"] == "val"]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
@@ -408,11 +381,7 @@ def plot_curves(log_path: Path, out_png: Path):
 
 def lr_at(step: int, conf: AugTrainConf, base: float | None = None) -> float:
     base = conf.lr if base is None else base
-    if step < conf.warmup:
-        return base * (step + 1) / conf.warmup
-    t = min(1.0, (step - conf.warmup) / max(1, conf.steps - conf.warmup))
-    lo = min(conf.lr_min, base)
-    return lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * t))
+    return warmup_cosine(step, base, min(conf.lr_min, base), conf.warmup, conf.steps)
 
 
 def _local_weights_path(name: str) -> Path:
@@ -455,12 +424,12 @@ def train_augment(conf: AugTrainConf) -> dict:
     trainer = AugTrainer(conf, str(local_path) if e2e else None)
     step0 = trainer.open_run(run_dir)
     log_path = run_dir / "log.csv"
-    _write_log(log_path, _read_log(log_path, upto=step0))
+    write_log(log_path, read_log(log_path, upto=step0), LOG_FIELDS)
     best_path = run_dir / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {"val_top1_aug": -1.0, "step": -1}
-    if step0 == 0 and val and not _read_log(log_path):
+    if step0 == 0 and val and not read_log(log_path):
         v0 = trainer.validate(val)
-        _append_log(log_path, {"step": 0, "time_s": "0", "kind": "val", **{k: f"{x:.4f}" for k, x in v0.items()}})
+        append_log(log_path, {"step": 0, "time_s": "0", "kind": "val", **{k: f"{x:.4f}" for k, x in v0.items()}}, LOG_FIELDS)
         logger.info("step 0: %s", ", ".join(f"{k}={x:.4f}" for k, x in v0.items()))
     buf, last_val, step, stopped = [], None, step0, False
     pbar = tqdm(total=conf.steps, initial=step0, desc=f"train {conf.mode} ({conf.loss})", unit="step",
@@ -487,14 +456,14 @@ def train_augment(conf: AugTrainConf) -> dict:
                 m = np.mean(buf, 0)
                 buf = []
                 pbar.set_postfix(loss=f"{m[0]:.3f}", acc=f"{m[1]:.3f}")
-                _append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "train",
+                append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "train",
                                        "loss": f"{m[0]:.5f}", "acc": f"{m[1]:.4f}", "mb_loss": f"{m[2]:.5f}",
                                        "scale": f"{math.exp(float(trainer.log_scale.numpy())):.3f}",
-                                       "lr": f"{lr:.2e}"})
+                                       "lr": f"{lr:.2e}"}, LOG_FIELDS)
             if val and (step % conf.val_every == 0 or step == conf.steps):
                 last_val = trainer.validate(val)
-                _append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "val",
-                                       **{k: f"{x:.4f}" for k, x in last_val.items()}})
+                append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "val",
+                                       **{k: f"{x:.4f}" for k, x in last_val.items()}}, LOG_FIELDS)
                 logger.info("step %d: %s", step, ", ".join(f"{k}={x:.4f}" for k, x in last_val.items()))
                 if last_val["val_top1_aug"] > best["val_top1_aug"]:
                     best = {"step": step, **last_val}

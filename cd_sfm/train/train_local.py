@@ -15,7 +15,6 @@ trains the ``kpt_m*`` head (the descriptor trunk gets the descriptor loss only).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import logging
@@ -32,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..io import CdSfmError
+from .runlog import append_log, read_log, warmup_cosine, write_log
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,7 @@ def _load_data(path: str, max_train_pairs: int = 0, val_pairs: int = 4096, seed:
 
 
 def lr_at(step, conf: TrainConf) -> float:
-    if step < conf.warmup:
-        return conf.lr * (step + 1) / conf.warmup
-    t = min(1.0, (step - conf.warmup) / max(1, conf.steps - conf.warmup))
-    return conf.lr_min + 0.5 * (conf.lr - conf.lr_min) * (1 + math.cos(math.pi * t))
+    return warmup_cosine(step, conf.lr, conf.lr_min, conf.warmup, conf.steps)
 
 
 def sample_batch(train: dict, step: int, conf: TrainConf):
@@ -263,42 +260,13 @@ def _auc(score, label) -> float:
 
 
 # --- log / curves ----------------------------------------------------------------------------------
-def _read_log(path: Path, upto: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if upto is not None:
-        rows = [r for r in rows if int(r["step"]) <= upto]
-    return rows
-
-
-def _write_log(path: Path, rows: list[dict]):
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in LOG_FIELDS})
-    os.replace(tmp, path)
-
-
-def _append_log(path: Path, row: dict):
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_FIELDS})
-
-
 def plot_curves(log_path: Path, out_png: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_log(log_path)
+    rows = read_log(log_path)
     tr = [r for r in rows if r["kind"] == "train"]
     va = [r for r in rows if r["kind"] == "val"]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
@@ -420,7 +388,7 @@ def train_local(conf: TrainConf) -> dict:
     trainer = LocalTrainer(conf)
     step0 = trainer.open_run(run_dir)
     log_path = run_dir / "log.csv"
-    _write_log(log_path, _read_log(log_path, upto=step0))  # drop rows written after the last checkpoint
+    write_log(log_path, read_log(log_path, upto=step0), LOG_FIELDS)  # drop rows written after the last checkpoint
     best_path = run_dir / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {"val_acc": -1.0, "step": -1}
     acc_buf: list[list[float]] = []
@@ -449,14 +417,14 @@ def train_local(conf: TrainConf) -> dict:
                 m = np.mean(acc_buf, 0)
                 acc_buf = []
                 pbar.set_postfix(loss=f"{m[0]:.3f}", acc=f"{m[1]:.3f}", scale=f"{math.exp(float(trainer.log_scale.numpy())):.1f}")
-                _append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "train",
+                append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "train",
                                        "loss": f"{m[0]:.5f}", "acc": f"{m[1]:.4f}", "mb_loss": f"{m[2]:.5f}",
                                        "mb_acc": f"{m[3]:.4f}", "scale": f"{math.exp(float(trainer.log_scale.numpy())):.3f}",
-                                       "lr": f"{lr:.2e}"})
+                                       "lr": f"{lr:.2e}"}, LOG_FIELDS)
             if step % conf.val_every == 0 or step == conf.steps:
                 last_val = trainer.validate(val)
-                _append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "val",
-                                       **{k: f"{v:.4f}" for k, v in last_val.items()}})
+                append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "val",
+                                       **{k: f"{v:.4f}" for k, v in last_val.items()}}, LOG_FIELDS)
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
                 if last_val["val_acc"] > best["val_acc"]:
                     from ..models.weights import save_weights_npz
