@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..io import CdSfmError
+from ..io import CdSfmError, atomic_write_text
 from .pair_data import read_pairs
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
@@ -577,9 +577,7 @@ def export_weights(aug, local, name: str, meta: dict, export_dir=None, local_pat
         if "augmentation" in desc and "no augmentation" in desc:
             info["description"] = desc.replace("no augmentation/regional weights",
                                                "geometric-only augmentation (no regional weights)")
-    tmp = out / "info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "info.json")
+    atomic_write_text(out / "info.json", json.dumps(info, indent=2) + "\n")
     os.chmod(out / "info.json", 0o644)
     for f in extra_files:
         f = Path(f)

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ..io import CdSfmError
+from ..io import CdSfmError, atomic_write_text
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
 logger = logging.getLogger(__name__)
@@ -302,9 +302,7 @@ def export_weights(model, name: str, meta: dict, export_dir: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     save_weights_npz(model, out / "local.npz", meta=meta)
     os.chmod(out / "local.npz", 0o644)  # mkstemp makes 0600; shipped files must be world-readable
-    tmp = out / "info.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "info.json")
+    atomic_write_text(out / "info.json", json.dumps(meta, indent=2) + "\n")
     for f in extra_files:
         f = Path(f)
         if f.exists():
