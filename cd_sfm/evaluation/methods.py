@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..io import CdSfmError
+from .hpatches import rootsift
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ def parse_methods(text: str | list[str] | None) -> list[str]:
     if bad or not items:
         raise CdSfmError(f"--methods: unknown method(s) {', '.join(bad) or '(none)'}; known: {', '.join(METHODS)}")
     return list(dict.fromkeys(items))
-
-
-def rootsift(desc: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    d = np.asarray(desc, np.float32)
-    d = d / (np.abs(d).sum(1, keepdims=True) + eps)
-    d = np.sqrt(np.maximum(d, 0))
-    return d / (np.linalg.norm(d, axis=1, keepdims=True) + eps)
 
 
 def rootsift_describer(gray, kpts, image=None) -> np.ndarray:
