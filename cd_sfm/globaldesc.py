@@ -545,20 +545,10 @@ def load_regional_model(model: str | None = None):
             raise CdSfmError(f"regional ResNet50 weights unavailable ({e}); use --retrieval local") from e
     from .models import registry
 
-    tried = []
-    for name in dict.fromkeys([model, registry.DEFAULT_MODEL, "retrieval"]):
-        if name is None:
-            continue
-        try:
-            entry = registry.resolve(name, require_local=False)
-        except CdSfmError:
-            tried.append(name)
-            continue
-        if entry.path("regional") is None:
-            tried.append(name)
-            continue
+    entry, tried = registry.find_component("regional", [model, registry.DEFAULT_MODEL, "retrieval"])
+    if entry is not None:
         _REGIONAL_MODEL = registry.load_keras_models(entry, ("regional",))["regional"]
-        logger.info("Regional ResNet50 for retrieval: weights of model %r", name)
+        logger.info("Regional ResNet50 for retrieval: weights of model %r", entry.name)
         return _REGIONAL_MODEL
     raise CdSfmError(f"no regional ResNet50 weights (looked in models {', '.join(tried)}; get them with "
                      "`cd-sfm models download retrieval`); use --retrieval local")

@@ -130,16 +130,8 @@ def regional_model_name(conf: dict) -> str | None:
     model, the official ``retrieval`` download), or None when no model has them. Reads folders only (no TensorFlow)."""
     from .models import registry
 
-    for name in dict.fromkeys([conf.get("model"), registry.DEFAULT_MODEL, "retrieval"]):
-        if name is None:
-            continue
-        try:
-            entry = registry.resolve(name, require_local=False)
-        except CdSfmError:
-            continue
-        if entry.path("regional") is not None:
-            return str(name)
-    return None
+    entry, _ = registry.find_component("regional", [conf.get("model"), registry.DEFAULT_MODEL, "retrieval"])
+    return None if entry is None else entry.name
 
 
 def retrieval_conf(conf: dict) -> dict:

@@ -194,6 +194,22 @@ def resolve(name: str | os.PathLike | None = None, require_local: bool = True) -
                      f"available: {', '.join(known) or 'none'}; get it with {hint}")
 
 
+def find_component(component: str, names) -> tuple[ModelInfo | None, list[str]]:
+    """The first model of ``names`` (None and repeats skipped) whose folder holds weights of ``component``, or None;
+    and the names tried without them. Reads folders only (no TensorFlow)."""
+    tried = []
+    for name in dict.fromkeys(n for n in names if n is not None):
+        try:
+            entry = resolve(name, require_local=False)
+        except CdSfmError:
+            tried.append(name)
+            continue
+        if entry.path(component) is not None:
+            return entry, tried
+        tried.append(name)
+    return None, tried
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # download
 
