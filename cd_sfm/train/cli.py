@@ -6,6 +6,30 @@ Hooked into the main CLI through ``cd_sfm.cli.EXTRA_COMMANDS``; no TensorFlow im
 
 from __future__ import annotations
 
+import functools
+import importlib
+
+# (subcommand, help, module, its parser builder, its entry point, extra keyword of both)
+SUBCOMMANDS = [
+    ("mine-homography", "patch pairs from random homographic warps of images -> .h5",
+     "homography", "build_parser", "cli_mine_homography", {}),
+    ("mine", "patch pairs from SfM tracks of TRAIN scenes (SIFT reconstruction) -> .h5",
+     "mine_sfm", "build_parser", "cli_mine_sfm", {}),
+    ("local", "train (or resume) the local model on mined pairs",
+     "train_local", "build_parser", "cli_train_local", {}),
+    ("export", "export a run's weights as cd_sfm/weights/NAME/ (or --export-dir)",
+     "train_local", "build_export_parser", "cli_export_local", {}),
+    ("mine-pairs", "image + homographic warp pairs with whole keypoint sets, correspondences and cached local "
+                   "descriptors -> .h5 (augmentation training data)",
+     "pair_data", "build_parser", "cli_mine_pairs", {}),
+    ("augment", "train (or resume) the geometric-only augmentation network on mined pairs",
+     "train_augment", "build_parser", "cli_train_augment", {"mode": "augment"}),
+    ("e2e", "tune local model + augmentation end to end on mined pairs",
+     "train_augment", "build_parser", "cli_train_augment", {"mode": "e2e"}),
+    ("export-augment", "export an augment/e2e run as <export-dir>/NAME/augment.npz (+ local.npz)",
+     "train_augment", "build_export_parser", "cli_export_augment", {}),
+]
+
 
 def _common(p):
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -13,46 +37,20 @@ def _common(p):
     return p
 
 
-def add_parser(subparsers):
-    from . import homography, pair_data, train_augment, train_local
+def _run(entry, args, **kw) -> int:
+    entry(args, **kw)
+    return 0
 
+
+def add_parser(subparsers):
     p = subparsers.add_parser("train", help="mine training data, train and export our own local and augmentation models",
                               description="Training of our own ContextDesc weights (docs/training.md).")
-    sub = p.add_subparsers(dest="train_command", metavar="{mine-homography,mine,local,export,mine-pairs,augment,e2e,export-augment}")
+    sub = p.add_subparsers(dest="train_command", metavar="{" + ",".join(c[0] for c in SUBCOMMANDS) + "}")
     sub.required = True
-
-    s = sub.add_parser("mine-homography", help="patch pairs from random homographic warps of images -> .h5")
-    homography.build_parser(_common(s))
-    s.set_defaults(func=lambda a: (homography.cli_mine_homography(a), 0)[1])
-
-    from . import mine_sfm
-
-    s = sub.add_parser("mine", help="patch pairs from SfM tracks of TRAIN scenes (SIFT reconstruction) -> .h5")
-    mine_sfm.build_parser(_common(s))
-    s.set_defaults(func=lambda a: (mine_sfm.cli_mine_sfm(a), 0)[1])
-
-    s = sub.add_parser("local", help="train (or resume) the local model on mined pairs")
-    train_local.build_parser(_common(s))
-    s.set_defaults(func=lambda a: (train_local.cli_train_local(a), 0)[1])
-
-    s = sub.add_parser("export", help="export a run's weights as cd_sfm/weights/NAME/ (or --export-dir)")
-    train_local.build_export_parser(_common(s))
-    s.set_defaults(func=lambda a: (train_local.cli_export_local(a), 0)[1])
-
-    s = sub.add_parser("mine-pairs", help="image + homographic warp pairs with whole keypoint sets, correspondences "
-                                          "and cached local descriptors -> .h5 (augmentation training data)")
-    pair_data.build_parser(_common(s))
-    s.set_defaults(func=lambda a: (pair_data.cli_mine_pairs(a), 0)[1])
-
-    s = sub.add_parser("augment", help="train (or resume) the geometric-only augmentation network on mined pairs")
-    train_augment.build_parser(_common(s), mode="augment")
-    s.set_defaults(func=lambda a: (train_augment.cli_train_augment(a, "augment"), 0)[1])
-
-    s = sub.add_parser("e2e", help="tune local model + augmentation end to end on mined pairs")
-    train_augment.build_parser(_common(s), mode="e2e")
-    s.set_defaults(func=lambda a: (train_augment.cli_train_augment(a, "e2e"), 0)[1])
-
-    s = sub.add_parser("export-augment", help="export an augment/e2e run as <export-dir>/NAME/augment.npz (+ local.npz)")
-    train_augment.build_export_parser(_common(s))
-    s.set_defaults(func=lambda a: (train_augment.cli_export_augment(a), 0)[1])
+    for name, help_, module, builder, entry, kw in SUBCOMMANDS:
+        mod = importlib.import_module(f"{__package__}.{module}")
+        s = sub.add_parser(name, help=help_)
+        # the builders take ``mode`` only where the entry point does (train_augment)
+        getattr(mod, builder)(_common(s), **kw)
+        s.set_defaults(func=functools.partial(_run, getattr(mod, entry), **kw))
     return p
