@@ -110,6 +110,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 # listing and reading
 
 
+def require_h5_path(path: str | Path) -> None:
+    """One-line error unless ``path`` names an HDF5 file (``.h5`` / ``.hdf5``): guards output arguments."""
+    if not str(path).endswith((".h5", ".hdf5")):
+        raise CdSfmError(f"{path}: the output must be an .h5 file")
+
+
 def list_h5_names(path: str | Path) -> list[str]:
     """Names of the complete entries (groups holding datasets) in an h5 file, e.g. image names or pair keys."""
     names: list[str] = []

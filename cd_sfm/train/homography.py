@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
-from ..io import CdSfmError
+from ..io import CdSfmError, require_h5_path
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +297,7 @@ def cli_mine_homography(args) -> dict:
     if len(args.inputs) < 2:
         raise CdSfmError("mine-homography: give image folders and the output .h5")
     *dirs, out = args.inputs
-    if not str(out).endswith((".h5", ".hdf5")):
-        raise CdSfmError(f"{out}: the output must be an .h5 file")
+    require_h5_path(out)
     images = list_images(dirs)
     if not images:
         raise CdSfmError(f"{' '.join(map(str, dirs))}: no images found")

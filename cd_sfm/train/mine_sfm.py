@@ -54,7 +54,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..features.patches import extract_patches
-from ..io import CdSfmError
+from ..io import CdSfmError, require_h5_path
 from .homography import IMAGE_EXTS, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment
 
 logger = logging.getLogger(__name__)
@@ -457,8 +457,7 @@ def cli_mine_sfm(args) -> dict:
     if len(args.inputs) < 2:
         raise CdSfmError("mine: give scene folders and the output .h5")
     *dirs, out = args.inputs
-    if not str(out).endswith((".h5", ".hdf5")):
-        raise CdSfmError(f"{out}: the output must be an .h5 file")
+    require_h5_path(out)
     d = SfmMineConf()
     conf = SfmMineConf(
         reconstruct={**d.reconstruct, "max_image_size": args.max_image_size, "seed": args.seed},

@@ -34,7 +34,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
-from ..io import CdSfmError
+from ..io import CdSfmError, require_h5_path
 from .homography import (HomographyConf, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment,
                          random_homography, warp_keypoints)
 
@@ -315,8 +315,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def cli_mine_pairs(args) -> dict:
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
-    if not str(args.output).endswith((".h5", ".hdf5")):
-        raise CdSfmError(f"{args.output}: the output must be an .h5 file")
+    require_h5_path(args.output)
     images = list_images(args.images) if args.images else training_images()
     if not images:
         raise CdSfmError("mine-pairs: no images found")
