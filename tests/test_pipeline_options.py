@@ -18,7 +18,7 @@ import yaml
 
 from cd_sfm import cli, pipeline
 from cd_sfm import config as config_mod
-from cd_sfm.io import CdSfmError, list_h5_names, parse_pairs
+from cd_sfm.io import CdSfmError, parse_pairs
 from cd_sfm.models import registry
 from cd_sfm.synthetic import render_scene
 
