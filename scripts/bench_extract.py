@@ -66,12 +66,22 @@ def random_model_folder(tmp: Path, regional: bool = False) -> str:
     from cd_sfm.models.regional import build_regional_model
     from cd_sfm.models.weights import save_weights_npz
 
+    from cd_sfm.models.frozen import generated_image
+    from cd_sfm.models.quantize import patches_from_images
+
     d = tmp / "random-model"
     save_weights_npz(build_local_model(), d / "local.npz")
     save_weights_npz(build_augment_model(visual=regional), d / "augment.npz")
     if regional:
         save_weights_npz(build_regional_model(), d / "regional.npz", dtype=None)
     (d / "info.json").write_text(json.dumps({"name": "random", "trained_on": "random weights (timing only)"}))
+    from cd_sfm.models.quantize import quantize_folder
+
+    gen = tmp / "calibration"
+    gen.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(gen / f"{i}.png"), generated_image(480, 640, seed=100 + i))
+    quantize_folder(d, patches_from_images(sorted(gen.glob("*.png")), num=1024), "generated images")
     return str(d)
 
 
@@ -156,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-keypoints", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=1024, help="patches per local-network call")
     ap.add_argument("--xla", action="store_true", help="compile the models with XLA")
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--precisions", default="fp32,bf16,int8",
+                    help="comma-separated, of fp32, bf16, int8 (int8 needs `cd-sfm models quantize`)")
     ap.add_argument("--regional", action="store_true",
                     help="with random weights: include the regional ResNet50 and visual context in the timing")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats, best kept (default 2)")

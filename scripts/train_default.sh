@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default training recipe of our ContextDesc weights, end to end, in about an hour on a 2-core CPU:
 #   homography patch pairs (~2 min) -> local model (1800 steps or 50 min, whichever first) -> augmentation pairs
-#   (~5 min) -> geometric augmentation (600 steps, ~2-5 min) -> cd_sfm/weights/NAME/.
+#   (~5 min) -> geometric augmentation (600 steps, ~2-5 min) -> int8 form of the local model, calibrated on 4096
+#   training patches (~10 s) -> cd_sfm/weights/NAME/.
 # Rerunning resumes every step that was interrupted (runs are checkpointed, mined files are reused).
 #
 #   scripts/train_default.sh [NAME] [DATA_ROOT] [WORK_DIR]      (defaults: my-model ../shared/data runs/NAME)
@@ -21,4 +22,5 @@ cd-sfm train export "$W/local" "$NAME" --which final
     --warps-per-image 1 --val-warps-per-image 3
 cd-sfm train augment "$W/pairs.h5" "$W/augment" --loss npair --lr 1e-3 --steps 600 --val-every 100 --time-budget 15
 cd-sfm train export-augment "$W/augment" "$NAME" --which best
+cd-sfm models quantize "$NAME" --patches "$W/homography.h5"
 cd-sfm models list

@@ -75,7 +75,8 @@ def meta(kind: str, args, seconds: float) -> dict:
         pass
     return {"kind": kind, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.node()}: {cpu}, {os.cpu_count()} cores", "model": model_info(args.model),
-            "methods": args.methods, "git": _git_commit(), "seconds": round(seconds, 1)}
+            "methods": args.methods, "precision": getattr(args, "precision", "fp32"), "git": _git_commit(),
+            "seconds": round(seconds, 1)}
 
 
 def _save(result: dict, path: str | None):
@@ -97,7 +98,7 @@ def cmd_hpatches(args) -> int:
     root = scene_path(data_root(args.data), args.root or "hpatches")
     methods = parse_methods(args.methods)
     t = time.perf_counter()
-    describers, absent = make_describers(methods, args.model, upright=args.upright)
+    describers, absent = make_describers(methods, args.model, upright=args.upright, precision=args.precision)
     conf = hp.HPatchesConf(max_keypoints=args.max_keypoints, upright=args.upright, max_size=args.max_size)
     result = hp.evaluate_hpatches(root, describers, conf)
     result["absent"] = absent
@@ -117,7 +118,7 @@ def cmd_pairs(args) -> int:
     scenes = [scene_path(root, s) for s in (args.scenes or pose.DEFAULT_SCENES)]
     methods = parse_methods(args.methods)
     t = time.perf_counter()
-    describers, absent = make_describers(methods, args.model, upright=args.upright)
+    describers, absent = make_describers(methods, args.model, upright=args.upright, precision=args.precision)
     conf = pose.PoseConf(max_keypoints=args.max_keypoints, upright=args.upright, max_image_size=args.max_size,
                          max_view_angle=args.max_view_angle, ransac_px=args.ransac_px, seed=args.seed,
                          ratio=args.ratio)
@@ -179,6 +180,8 @@ def _common(p: argparse.ArgumentParser, output: str, max_size: int) -> None:
     p.add_argument("--output", default=output, help=f"JSON results (default {output}; '' for none)")
     p.add_argument("--max-keypoints", type=int, default=4096)
     p.add_argument("--max-size", type=int, default=max_size, help="longest image side (0: full resolution)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8", "auto"),
+                   help="inference precision of the learned methods (default fp32)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="count", default=0)
 

@@ -88,7 +88,7 @@ class _LearnedDescriber:
 
 
 def make_describers(methods: list[str], model: str = DEFAULT_MODEL, upright: bool = False,
-                    backend=None) -> tuple[dict[str, Callable], dict[str, str]]:
+                    backend=None, precision: str = "fp32") -> tuple[dict[str, Callable], dict[str, str]]:
     """Describers of the requested methods, and {method: reason} for those that cannot be run (``contextdesc``
     without augmentation weights). ``backend`` (tests): a ready :class:`ContextDescBackend`."""
     describers: dict[str, Callable] = {}
@@ -98,7 +98,8 @@ def make_describers(methods: list[str], model: str = DEFAULT_MODEL, upright: boo
         if backend is None:
             from ..features.contextdesc import ContextDescBackend
 
-            backend = ContextDescBackend(model=model, augment="contextdesc" in learned, upright=upright)
+            backend = ContextDescBackend(model=model, augment="contextdesc" in learned, upright=upright,
+                                         precision=precision)
         ld = _LearnedDescriber(backend)
     for m in methods:
         if m == "rootsift":

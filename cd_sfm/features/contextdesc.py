@@ -4,7 +4,8 @@ ResNet50 map) -> augmentation with visual and geometric context -> 128-d L2-norm
 Options (``ContextDescBackend.Conf``): ``model`` (registry name or folder, default ``cd-sfm-v1``), ``max_keypoints``
 (4096), ``upright``, ``max_image_size`` (0 = full resolution), ``augment`` (False stores the raw local descriptors,
 L2-normalised), ``regional`` (False, or a model without regional weights, gives geometric context only; said once in
-the log), ``regional_max_size`` (1024, the authors' limit), ``precision`` (``fp32`` | ``bf16`` | ``auto``), ``xla``,
+the log), ``regional_max_size`` (1024, the authors' limit), ``precision`` (``fp32`` | ``bf16`` | ``int8`` | ``auto``:
+int8 when the model folder has an up-to-date ``local_int8.tflite``, else bf16 where the CPU has it), ``xla``,
 ``batch_size`` (patches per local-model call), ``threads`` (0 = the cores this process may use), ``fold_bn`` (run the
 inference form with batch norms folded into the convolutions; same values, faster).
 """
@@ -54,7 +55,8 @@ class ContextDescBackend:
 
     def __init__(self, conf=None, models: dict | None = None, info: dict | None = None, **overrides):
         """``conf``: a ``Conf``, a dict of its fields, or None; ``overrides`` set single fields.
-        ``models`` (tests): ready fp32 Keras models {"local", "augment"?, "regional"?} instead of a named model."""
+        ``models`` (tests): ready fp32 Keras models {"local", "augment"?, "regional"?} instead of a named model;
+        then ``info["int8_path"]`` may name their int8 local model."""
         if conf is None:
             conf = self.Conf()
         elif isinstance(conf, dict):
@@ -88,7 +90,8 @@ class ContextDescBackend:
         builders = self._builders(models, info)
         self.runner = ContextDescRunner(models, builders, precision=conf.precision, xla=conf.xla,
                                         batch_size=conf.batch_size, bucket=max(conf.max_keypoints, 0) or 4096,
-                                        threads=conf.threads or None, fold_bn=conf.fold_bn)
+                                        threads=conf.threads or None, fold_bn=conf.fold_bn,
+                                        int8_path=info.get("int8_path"))
         if conf.augment and self.runner.has_augment and not self.runner.has_regional:
             _say_once(("geo", conf.model), "%s: no regional model: augmentation with geometric context only",
                       conf.model)
@@ -118,6 +121,10 @@ class ContextDescBackend:
             models.pop("regional")  # augmentation weights without a visual branch: the map would be unused
         info = dict(entry.info)
         info.setdefault("name", entry.name)
+        if conf.precision in ("int8", "auto"):
+            from ..models.quantize import int8_path
+
+            info["int8_path"] = int8_path(entry.folder)
         return models, info
 
     @staticmethod

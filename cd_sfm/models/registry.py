@@ -483,10 +483,10 @@ def check(name: str, n: int = 256, seed: int = 0) -> dict:
 
 
 def add_models_subparser(subparsers):
-    """Add ``models list | download | import | check`` to an argparse subparsers object."""
+    """Add ``models list | download | import | check | quantize`` to an argparse subparsers object."""
     p = subparsers.add_parser("models", help="list, download, import and check ContextDesc weights",
                               description=f"ContextDesc weights. Cache folder: ${ENV_HOME} (default ~/.cache/cd_sfm).")
-    sub = p.add_subparsers(dest="models_command", metavar="{list,download,import,check}")
+    sub = p.add_subparsers(dest="models_command", metavar="{list,download,import,check,quantize}")
     sub.required = True
 
     def add(name, **kw):
@@ -514,6 +514,16 @@ def add_models_subparser(subparsers):
     s.add_argument("--num-patches", type=int, default=256, help="generated patches / keypoints (default 256)")
     s.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE, help="largest accepted difference")
     s.set_defaults(func=cmd_check)
+    from .quantize import cmd_quantize
+
+    s = add("quantize", help="make the int8 local model (faster extraction with precision int8 / auto)")
+    s.add_argument("name")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="calibrate on patches of these photos (like the ones you will reconstruct)")
+    src.add_argument("--patches", help="calibrate on a `cd-sfm train` patch file (its training patches)")
+    s.add_argument("--num-patches", type=int, default=4096, help="calibration patches, a quarter held out (4096)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_quantize)
     return p
 
 
@@ -523,6 +533,10 @@ def cmd_list(args=None) -> int:
     for m in list_models():
         present.add(m.name)
         comps = "+".join(m.components) or "(no weights yet)"
+        if m.components and (m.folder / "local_int8.tflite").is_file():
+            from .quantize import int8_path
+
+            comps += " (int8)" if int8_path(m.folder) else " (int8 stale)"
         rows.append((m.name, m.source, comps, m.trained_on))
     for off in OFFICIAL.values():
         if off.name not in present:

@@ -10,6 +10,10 @@ optional XLA and a bf16 path.
 bf16: a second copy of each model built under Keras' ``mixed_bfloat16`` policy (weights and normalisation statistics
 stay float32). It is used only when the CPU has AMX or AVX512-BF16 (read from ``/proc/cpuinfo`` at run time); oneDNN
 then runs the convolutions in bf16. Elsewhere the request falls back to fp32 with a warning.
+
+int8: the local model runs as its quantised TFLite form (``quantize.py``, ``local_int8.tflite`` of the model folder);
+augmentation and regional models run in bf16 where the CPU has it, else fp32. ``auto`` picks int8 when the model has
+an up-to-date int8 file, else bf16 when the CPU computes it natively, else fp32.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
 _THREADS_SET = False
 
 
@@ -48,13 +52,21 @@ def bf16_support() -> str | None:
     return None
 
 
-def resolve_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        from ..io import CdSfmError
+def resolve_precision(precision: str, int8_available: bool = False) -> str:
+    """fp32 | bf16 | int8 as run here: ``auto`` is int8 when ``int8_available``, else bf16 where the CPU computes it
+    natively, else fp32; an explicit bf16 on a CPU without bf16 falls back to fp32 with a warning."""
+    from ..io import CdSfmError
 
+    if precision not in PRECISIONS:
         raise CdSfmError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return "fp32"
+    if precision == "int8" or precision == "auto" and int8_available:
+        if not int8_available:
+            raise CdSfmError("precision int8: this model has no int8 local model (make one with `cd-sfm models "
+                             "quantize NAME`)")
+        logger.info("int8 local model (TFLite)")
+        return "int8"
     hw = bf16_support()
     if hw is None:
         if precision == "bf16":
@@ -117,20 +129,30 @@ class ContextDescRunner:
     ``batch_size / 8, / 4, / 2, / 1`` that holds it, so the local function has at most four traces ever."""
 
     def __init__(self, models: dict, builders: dict | None = None, precision: str = "fp32", xla: bool = False,
-                 batch_size: int = 1024, bucket: int = 4096, threads: int | None = None, fold_bn: bool = True):
+                 batch_size: int = 1024, bucket: int = 4096, threads: int | None = None, fold_bn: bool = True,
+                 int8_path=None):
         import tensorflow as tf
 
         from .fold import fold_batchnorm
 
         configure_threads(threads)
-        self.precision = resolve_precision(precision)
+        self.precision = resolve_precision(precision, int8_path is not None)
+        self._int8 = None
+        if self.precision == "int8":
+            from .quantize import Int8Local
+
+            self._int8 = Int8Local(int8_path, threads=threads or 0)
         self.xla = bool(xla)
         self.batch_size = int(batch_size)
         self.bucket = int(bucket) if bucket else 1024
         self.models = dict(models)
-        policy = "mixed_bfloat16" if self.precision == "bf16" else None
+        # the float models: bf16 when asked, and beside the int8 local model where the CPU computes bf16 natively
+        float_bf16 = self.precision == "bf16" or self.precision == "int8" and bf16_support() is not None
+        policy = "mixed_bfloat16" if float_bf16 else None
         builders = builders or {}
         for key, model in list(self.models.items()):
+            if key == "local" and self._int8 is not None:
+                continue  # runs as the TFLite model
             builder = builders.get(key)
             if builder is None:
                 if policy:
@@ -205,6 +227,8 @@ class ContextDescRunner:
         if n == 0:
             return np.zeros((0, 128), np.float32), np.zeros((0,), np.float32)
         x = x.reshape(n, 32, 32, 1)
+        if self._int8 is not None:
+            return self._int8(x)
         feats, mbs, i = [], [], 0
         for real, size in self._chunk_sizes(n):
             chunk = x[i : i + real]

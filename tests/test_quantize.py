@@ -1,0 +1,131 @@
+"""int8 local model: quantisation into a model folder, staleness, the runner's int8 path, ``cd-sfm models quantize``."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from cd_sfm.cli import main as cli_main
+from cd_sfm.features.contextdesc import ContextDescBackend
+from cd_sfm.io import CdSfmError
+from cd_sfm.models import quantize as q
+from cd_sfm.models import registry
+from cd_sfm.models.augment import build_augment_model
+from cd_sfm.models.frozen import generated_image
+from cd_sfm.models.local import build_local_model
+from cd_sfm.models.weights import load_weights_npz, save_weights_npz
+
+
+def _image_patches(n, seed=0):
+    from cd_sfm.features.patches import SiftDetectorConf, detect_sift, extract_patches
+
+    out = []
+    for s in range(seed, seed + 4):
+        gray = cv2.cvtColor(generated_image(240, 320, seed=s), cv2.COLOR_RGB2GRAY)
+        kp = detect_sift(gray, SiftDetectorConf(max_keypoints=400))
+        out.append(extract_patches(gray, kp["keypoints"], kp["scales"], kp["angles"]))
+    return np.concatenate(out)[:n]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A model folder with float32 random local + geometric augmentation weights and its int8 local model."""
+    d = tmp_path_factory.mktemp("q-model")
+    save_weights_npz(build_local_model(), d / "local.npz", dtype=None)
+    save_weights_npz(build_augment_model(visual=False), d / "augment.npz")
+    (d / "info.json").write_text(json.dumps({"name": "q", "trained_on": "nothing (random weights)"}))
+    q.quantize_folder(d, _image_patches(800), "generated images")
+    return d
+
+
+def test_quantize_folder_writes_model_and_meta(folder):
+    meta = json.loads((folder / q.INT8_META).read_text())
+    assert meta["local_sha256"] == q.file_sha256(folder / "local.npz")
+    assert meta["calibration"] == "generated images" and meta["calibration_patches"] == 600
+    agree = meta["agreement_on_held_out"]
+    assert agree["patches"] == 200 and agree["cosine_mean"] > 0.99 and agree["cosine_min"] > 0.9
+    assert q.int8_path(folder) == folder / q.INT8_FILE
+
+
+def test_int8_close_to_float_on_unseen_patches(folder):
+    model = build_local_model()
+    load_weights_npz(model, folder / "local.npz")
+    r = q.Int8Local(folder / q.INT8_FILE, batch_size=128)
+    patches = _image_patches(300, seed=10)  # other images than the calibration: 2 full chunks and a resized one
+    agree = q.agreement(model, r, patches)
+    assert agree["patches"] == 300 and agree["cosine_mean"] > 0.99
+    assert agree["matchability_max_abs"] < 0.1
+    feat, mb = r(patches[:0])
+    assert feat.shape == (0, 128) and mb.shape == (0,)
+    # the runner standardises: scaled and shifted patches give the same output (up to an input rounding flip)
+    f1, m1 = r(patches[:64])
+    f2, m2 = r(patches[:64] * 3.0 + 7.0)
+    cos = np.sum(f1 * f2, 1) / np.linalg.norm(f1, axis=1) / np.linalg.norm(f2, axis=1)
+    assert cos.min() > 0.999 and np.allclose(m1, m2, atol=0.02)
+
+
+def test_stale_int8_is_ignored(folder, tmp_path, caplog):
+    d = tmp_path / "m"
+    shutil.copytree(folder, d)
+    assert q.int8_path(d) is not None
+    save_weights_npz(build_local_model(), d / "local.npz")  # retrained weights, old int8 file
+    assert q.int8_path(d) is None
+    assert "other local weights" in caplog.text
+
+
+def test_backend_int8_and_auto(folder):
+    img = generated_image(240, 320, seed=3)
+    f32 = ContextDescBackend(model=str(folder), max_keypoints=300).extract_with_local(img)
+    b8 = ContextDescBackend(model=str(folder), max_keypoints=300, precision="int8")
+    assert b8.runner.precision == "int8"
+    f8 = b8.extract_with_local(img)
+    assert np.array_equal(f32["keypoints"], f8["keypoints"])
+    for key in ("local_descriptors", "descriptors"):
+        cos = np.sum(f32[key] * f8[key], axis=1)
+        assert cos.mean() > 0.99, key
+    assert ContextDescBackend(model=str(folder), precision="auto").runner.precision == "int8"
+
+
+def test_int8_without_file_is_a_clear_error(tmp_path):
+    d = tmp_path / "plain"
+    d.mkdir()
+    save_weights_npz(build_local_model(), d / "local.npz")
+    with pytest.raises(CdSfmError, match="models quantize"):
+        ContextDescBackend(model=str(d), precision="int8")
+    assert ContextDescBackend(model=str(d), precision="auto").runner.precision in ("fp32", "bf16")
+
+
+def test_bad_int8_file(tmp_path):
+    p = tmp_path / "x.tflite"
+    p.write_bytes(b"not a flatbuffer")
+    with pytest.raises(CdSfmError, match="x.tflite"):
+        q.Int8Local(p)
+
+
+def test_models_quantize_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(registry.ENV_HOME, str(tmp_path / "home"))
+    d = tmp_path / "home" / "models" / "tiny"
+    d.mkdir(parents=True)
+    save_weights_npz(build_local_model(), d / "local.npz")
+    (d / "info.json").write_text(json.dumps({"name": "tiny"}))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for s in range(3):
+        cv2.imwrite(str(photos / f"{s}.png"), generated_image(240, 320, seed=20 + s))
+    assert cli_main(["models", "quantize", "tiny", "--images", str(photos), "--num-patches", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote local_int8.tflite" in out and "3 images" in out
+    assert q.int8_path(d) is not None
+    assert cli_main(["models", "quantize", "tiny", "--images", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder of images" in capsys.readouterr().err
+
+
+def test_shipped_int8_is_up_to_date():
+    """Retraining the shipped local model means quantising it again (``scripts/train_default.sh`` does)."""
+    try:
+        entry = registry.resolve(registry.DEFAULT_MODEL)
+    except CdSfmError:
+        pytest.skip("no trained model shipped")
+    assert q.int8_path(entry.folder) is not None
