@@ -92,6 +92,9 @@ def _add_features(p: argparse.ArgumentParser) -> None:
                                    "(default: the shipped model)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
                    help="ContextDesc: store the raw local descriptors (no context augmentation)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"],
+                   help="ContextDesc inference: auto (default: the int8 local model when the model has one, else bf16 "
+                        "where the CPU computes it natively, else fp32), or one of them")
 
 
 def _add_ray(p: argparse.ArgumentParser) -> None:
@@ -137,8 +140,9 @@ def _overrides(args: argparse.Namespace) -> dict:
     keys = ["features", "max_image_size", "model", "augment", "pairs", "overlap", "num_neighbors", "retrieval",
             "matching", "camera_mode", "camera_model", "prior_focal_length", "mapper", "seed", "ray"]
     over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "max_keypoints", None) is not None:
-        over["features_options"] = {"max_keypoints": args.max_keypoints}
+    fo = {k: getattr(args, k) for k in ("max_keypoints", "precision") if getattr(args, k, None) is not None}
+    if fo:
+        over["features_options"] = fo
     if getattr(args, "ratio", None) is not None:
         over["matching_options"] = {"ratio": args.ratio}
     if getattr(args, "ray_workers", None) is not None:
@@ -148,8 +152,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _check_flags(args: argparse.Namespace, conf: dict) -> None:
     """Flags that only mean something for ContextDesc features must not be silently ignored."""
-    given = [f for f, v in (("--model", getattr(args, "model", None)), ("--no-augment", getattr(args, "augment", None)))
-             if v is not None]
+    given = [f for f, v in (("--model", getattr(args, "model", None)), ("--no-augment", getattr(args, "augment", None)),
+                            ("--precision", getattr(args, "precision", None))) if v is not None]
     if given:
         from .pipeline import uses_contextdesc
 

@@ -177,3 +177,14 @@ def test_kill_during_extraction_then_resume(tmp_path):
     for n in (scene.names[0], scene.names[-1]):
         a, b = read_features(out / "features.h5", n), read_features(clean, n)
         assert (a["keypoints"] == b["keypoints"]).all() and (a["descriptors"] == b["descriptors"]).all()
+
+
+def test_precision_flag_reaches_the_feature_options(tmp_path):
+    args = cli.build_parser().parse_args(["reconstruct", str(tmp_path), str(tmp_path / "out"), "--precision", "fp32",
+                                          "--max-keypoints", "2000"])
+    conf = cli.build_config(args)
+    assert conf["features_options"]["precision"] == "fp32" and conf["features_options"]["max_keypoints"] == 2000
+    args = cli.build_parser().parse_args(["reconstruct", str(tmp_path), str(tmp_path / "out"), "--features", "sift",
+                                          "--precision", "int8"])
+    with pytest.raises(cli.CdSfmError, match="--precision: only for ContextDesc"):
+        cli._check_flags(args, cli.build_config(args))

@@ -129,3 +129,9 @@ def test_shipped_int8_is_up_to_date():
     except CdSfmError:
         pytest.skip("no trained model shipped")
     assert q.int8_path(entry.folder) is not None
+
+
+def test_tflite_banner_goes_to_the_log_not_stderr(folder, capfd):
+    r = q.Int8Local(folder / q.INT8_FILE)
+    r(_image_patches(10))
+    assert "XNNPACK" not in capfd.readouterr().err

@@ -16,10 +16,12 @@ runner standardises in numpy with the same formula, so the integer ranges start 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +97,29 @@ def convert(model, calibration: np.ndarray, batch: int = 64) -> bytes:
         return conv.convert()
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """Send what native code writes to stderr inside the block to the log instead: TFLite prints "INFO: Created
+    TensorFlow Lite XNNPACK delegate for CPU." there, past Python's logging (kept at debug; anything else a warning)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    (logger.debug if "XNNPACK delegate" in line else logger.warning)("%s", line)
+
+
 def _interpreter_class():
     """LiteRT's interpreter where installed (``ai-edge-litert``), else TensorFlow's ``tf.lite.Interpreter``."""
     try:
@@ -128,18 +153,18 @@ class Int8Local:
         except OSError as e:
             raise CdSfmError(f"{self.path}: cannot read the int8 local model ({e.strerror or e})") from e
         cls = _interpreter_class()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stderr_to_log():
             warnings.simplefilter("ignore")
             try:
                 self._it = cls(model_content=content, num_threads=int(threads) or available_cores())
             except (ValueError, RuntimeError) as e:
                 raise CdSfmError(f"{self.path}: not a TFLite model ({str(e).splitlines()[0]})") from e
-        self._in = self._it.get_input_details()[0]["index"]
-        outs = self._it.get_output_details()
-        if len(outs) != 2:
-            raise CdSfmError(f"{self.path}: expected 2 outputs (descriptor, matchability), found {len(outs)}")
-        self._it.resize_tensor_input(self._in, (1, 32, 32, 1))
-        self._it.allocate_tensors()
+            self._in = self._it.get_input_details()[0]["index"]
+            outs = self._it.get_output_details()
+            if len(outs) != 2:
+                raise CdSfmError(f"{self.path}: expected 2 outputs (descriptor, matchability), found {len(outs)}")
+            self._it.resize_tensor_input(self._in, (1, 32, 32, 1))
+            self._it.allocate_tensors()
         # which output is which: the descriptor has 128 values per patch
         by_size = {int(np.prod(o["shape"][1:])): o["index"] for o in self._it.get_output_details()}
         if set(by_size) != {1, 128}:
