@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .io import CdSfmError, H5Appender, completed_names, features_to_h5, merge_parts
+from .io import CdSfmError, H5Appender, completed_names, merge_parts
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +140,6 @@ def _actor_class(ray, cls, conf: RayConf):
 # feature extraction
 
 
-def extract_image(backend, conf: dict, path: Path) -> dict[str, np.ndarray]:
-    """One image through a backend exactly as ``features.extract.main`` does: read (EXIF upright), resize to
-    ``max_image_size``, extract, keypoints back to the original frame, stored layout."""
-    from .features import extract as ex
-
-    grayscale = bool(getattr(backend, "grayscale", False))
-    image, original_size = ex._read_original(path, grayscale, conf.get("max_image_size"))
-    feats = backend.extract(image)
-    feats = ex.rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
-    return features_to_h5(feats, conf.get("descriptor_dtype") or "float32")
-
-
 class ExtractWorker:
     """Ray actor: holds one built backend (its models loaded once) and extracts images on request."""
 
@@ -169,6 +157,8 @@ class ExtractWorker:
                 fd, tmp = tempfile.mkstemp(suffix=Path(name).suffix)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
+            from .features.extract import extract_image
+
             return name, extract_image(self.backend, self.conf, Path(tmp or path))
         except CdSfmError as e:  # an unreadable image: reported with its real path, skipped by the driver
             return name, str(e).replace(tmp, path) if tmp else str(e)

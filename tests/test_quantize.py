@@ -135,3 +135,29 @@ def test_tflite_banner_goes_to_the_log_not_stderr(folder, capfd):
     r = q.Int8Local(folder / q.INT8_FILE)
     r(_image_patches(10))
     assert "XNNPACK" not in capfd.readouterr().err
+
+
+def test_extract_stage_runs_images_in_parallel_with_the_same_result(folder, tmp_path):
+    from cd_sfm.features import extract
+    from cd_sfm.io import read_features
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for s in range(5):
+        cv2.imwrite(str(photos / f"{s}.png"), generated_image(240, 320, seed=30 + s))
+    threads = cv2.getNumThreads()
+    out = {}
+    for par in (1, 2):
+        b = ContextDescBackend(model=str(folder), max_keypoints=300, precision="int8", parallel_images=par)
+        assert b.parallel_images == par
+        stats = extract.main({"backend": "contextdesc"}, photos, tmp_path / f"f{par}.h5", backend=b, progress=False)
+        assert stats["extracted"] == 5 and b.timings["images"] == 5
+        out[par] = {n: read_features(tmp_path / f"f{par}.h5", n) for n in [f"{s}.png" for s in range(5)]}
+    assert cv2.getNumThreads() == threads  # restored after the parallel section
+    for name, f1 in out[1].items():
+        f2 = out[2][name]
+        assert np.array_equal(f1["keypoints"], f2["keypoints"])
+        assert np.allclose(f1["descriptors"], f2["descriptors"], atol=1e-3), name
+    auto = ContextDescBackend(model=str(folder), precision="int8")
+    assert auto.parallel_images == min(2, auto._cores)
+    assert ContextDescBackend(model=str(folder), precision="fp32").parallel_images == 1

@@ -7,12 +7,16 @@ L2-normalised), ``regional`` (False, or a model without regional weights, gives 
 the log), ``regional_max_size`` (1024, the authors' limit), ``precision`` (``fp32`` | ``bf16`` | ``int8`` | ``auto``:
 int8 when the model folder has an up-to-date ``local_int8.tflite``, else bf16 where the CPU has it), ``xla``,
 ``batch_size`` (patches per local-model call), ``threads`` (0 = the cores this process may use), ``fold_bn`` (run the
-inference form with batch norms folded into the convolutions; same values, faster).
+inference form with batch norms folded into the convolutions; same values, faster), ``parallel_images`` (images
+``features.extract`` runs at once, each on cores / parallel_images threads; 0 = auto: 2 with the int8 local model on
+two or more cores, where one image's SIFT detection overlaps another's network, else 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
@@ -50,6 +54,7 @@ class ContextDescBackend:
         fold_bn: bool = True
         threads: int = 0
         contrast_threshold: float = 0.04
+        parallel_images: int = 0
 
     descriptor_dim = 128
 
@@ -96,6 +101,13 @@ class ContextDescBackend:
             _say_once(("geo", conf.model), "%s: no regional model: augmentation with geometric context only",
                       conf.model)
         self.timings: dict = defaultdict(float)  # seconds per stage and counts ("images", "patches"), accumulated
+        self._timings_lock = threading.Lock()
+        self._inflight = 0  # extract() calls running now (several under ``concurrent``)
+        from ..models.runner import available_cores
+
+        self._cores = conf.threads or available_cores()
+        auto = min(2, self._cores) if self.runner.precision == "int8" else 1
+        self.parallel_images = max(1, int(conf.parallel_images or auto))
         self.grayscale = not self.runner.has_regional  # extract() needs colour only for the regional model
         self.detector = SiftDetectorConf(max_keypoints=conf.max_keypoints, upright=conf.upright,
                                          contrast_threshold=conf.contrast_threshold)
@@ -142,6 +154,21 @@ class ContextDescBackend:
             b["augment"] = lambda: build_augment_model(visual=visual, interp=interp)
         return b
 
+    @contextlib.contextmanager
+    def concurrent(self, n: int):
+        """Inside the block ``extract`` runs in ``n`` threads at once (``features.extract`` with ``parallel_images``):
+        the int8 interpreters and OpenCV's SIFT each get cores / n threads, except that an image whose network runs
+        while no other image is in flight (the last of a folder) gets all cores."""
+        threads = max(1, self._cores // max(1, n))
+        old_int8, old_cv = self.runner.int8_threads, cv2.getNumThreads()
+        self.runner.int8_threads = threads
+        cv2.setNumThreads(threads)
+        try:
+            yield self
+        finally:
+            self.runner.int8_threads = old_int8
+            cv2.setNumThreads(old_cv)
+
     # ---- extraction
     def extract(self, image: np.ndarray) -> dict:
         """Features of one image (see the module docstring of ``cd_sfm.features``); extra key ``matchability``."""
@@ -152,6 +179,15 @@ class ContextDescBackend:
         return self._extract(image, keep_local=True)
 
     def _extract(self, image: np.ndarray, keep_local: bool) -> dict:
+        with self._timings_lock:
+            self._inflight += 1
+        try:
+            return self._extract_one(image, keep_local)
+        finally:
+            with self._timings_lock:
+                self._inflight -= 1
+
+    def _extract_one(self, image: np.ndarray, keep_local: bool) -> dict:
         from ..models.runner import l2_normalize
 
         img = np.asarray(image)
@@ -164,7 +200,7 @@ class ContextDescBackend:
             scale = max(H, W) / m
             work = cv2.resize(img, (max(1, round(W / scale)), max(1, round(H / scale))), interpolation=cv2.INTER_AREA)
         h, w = work.shape[:2]
-        tm = self.timings
+        tm = {}
         t0 = time.perf_counter()
         gray = to_gray(work)
         kp = detect_sift(gray, self.detector)
@@ -172,13 +208,11 @@ class ContextDescBackend:
         t1 = time.perf_counter()
         patches = extract_patches(gray, kp["keypoints"], kp["scales"], kp["angles"], upright=self.conf.upright)
         t2 = time.perf_counter()
-        feat, mb = self.runner.local(patches)
+        with self._timings_lock:
+            alone = self._inflight <= 1
+        feat, mb = self.runner.local(patches, threads=0 if alone else None)
         t3 = time.perf_counter()
-        tm["detect"] += t1 - t0
-        tm["patches"] += t2 - t1
-        tm["local"] += t3 - t2
-        tm["images"] += 1
-        tm["keypoints"] += n
+        tm["detect"], tm["patches"], tm["local"], tm["images"], tm["keypoints"] = t1 - t0, t2 - t1, t3 - t2, 1, n
         if self.conf.augment and self.runner.has_augment and n:
             xy = kp["keypoints"].astype(np.float32)
             kxy = np.stack([(xy[:, 0] - w / 2) / (w / 2), (xy[:, 1] - h / 2) / (h / 2)], axis=-1)
@@ -188,12 +222,15 @@ class ContextDescBackend:
 
                 rgb = work if work.ndim == 3 else np.repeat(work[..., None], 3, axis=-1)
                 rmap = self.runner.regional(prepare_image(rgb, self.conf.regional_max_size))
-                tm["regional"] += time.perf_counter() - t3
+                tm["regional"] = time.perf_counter() - t3
             t4 = time.perf_counter()
             desc = self.runner.augment(feat, mb, kxy, rmap)
-            tm["augment"] += time.perf_counter() - t4
+            tm["augment"] = time.perf_counter() - t4
         else:
             desc = l2_normalize(feat)
+        with self._timings_lock:  # extract() may run in several threads (parallel_images)
+            for k, v in tm.items():
+                self.timings[k] += v
         keypoints = kp["keypoints"].astype(np.float32)
         scales = kp["scales"].astype(np.float32)
         if scale != 1.0:

@@ -12,6 +12,7 @@ the pixel frame of the original image (after EXIF orientation) even when ``max_i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -125,8 +126,9 @@ def rescale_features(feats: dict, original_size: tuple[int, int], size: tuple[in
     return out
 
 
-def _prefetch(items: list[str], load, depth: int = 2) -> Iterator[tuple[str, object]]:
-    """Yield (item, load(item) or the exception it raised), loading up to ``depth`` items ahead in a thread."""
+def _prefetch(items: list[str], load, depth: int = 2, workers: int = 1) -> Iterator[tuple[str, object]]:
+    """Yield (item, load(item) or the exception it raised) in order, running ``load`` up to ``depth`` items ahead on
+    ``workers`` threads."""
     if not items:
         return
 
@@ -136,7 +138,8 @@ def _prefetch(items: list[str], load, depth: int = 2) -> Iterator[tuple[str, obj
         except Exception as e:  # handed to the consumer
             return e
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    depth = max(depth, workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(safe, it) for it in items[:depth]]
         for i, item in enumerate(items):
             result = futures[i].result()
@@ -152,6 +155,16 @@ def _read_original(path: Path, grayscale: bool, max_size: int | None):
     original = (image.shape[1], image.shape[0])
     image, _ = resize_max(image, max_size)
     return image, original
+
+
+def extract_image(backend, conf: dict, path: Path) -> dict[str, np.ndarray]:
+    """One image through a backend: read (EXIF upright), resize to ``max_image_size``, extract, keypoints back to the
+    original frame, the stored layout (``features_to_h5``). Raises ``CdSfmError`` for an unreadable image."""
+    grayscale = bool(getattr(backend, "grayscale", False))
+    image, original_size = _read_original(path, grayscale, conf.get("max_image_size"))
+    feats = backend.extract(image)
+    feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
+    return features_to_h5(feats, conf.get("descriptor_dtype") or "float32")
 
 
 def main(
@@ -197,17 +210,22 @@ def main(
     if todo:
         if backend is None:
             backend = make_backend(conf)
-        grayscale = bool(getattr(backend, "grayscale", False))
-        max_size = conf.get("max_image_size")
-        dtype = conf.get("descriptor_dtype") or "float32"
-        logger.info("Extracting %s features of %d image(s) into %s", conf["backend"], len(todo), feature_path)
+        # backends that extract several images at once: thread-safe ``extract``, ``parallel_images`` > 1 and a
+        # ``concurrent(n)`` context that shares the cores between n images (ContextDesc's int8 path)
+        workers = max(1, int(getattr(backend, "parallel_images", 1) or 1))
+        concurrent = getattr(backend, "concurrent", None)
+        if concurrent is None:
+            workers = 1
+        logger.info("Extracting %s features of %d image(s) into %s%s", conf["backend"], len(todo), feature_path,
+                    f" ({workers} at a time)" if workers > 1 else "")
 
-        def load(name):
-            return _read_original(image_dir / name, grayscale, max_size)
+        def work(name):
+            return extract_image(backend, conf, image_dir / name)
 
-        with H5Appender(feature_path, flush_every=16) as out:
-            with tqdm(_prefetch(todo, load), total=len(todo), desc="extract", unit="img",
-                      disable=not progress) as bar:
+        with H5Appender(feature_path, flush_every=16) as out, \
+                (concurrent(workers) if workers > 1 else contextlib.nullcontext()):
+            with tqdm(_prefetch(todo, work, depth=2 * workers, workers=workers), total=len(todo), desc="extract",
+                      unit="img", disable=not progress) as bar:
                 for name, result in bar:
                     if isinstance(result, CdSfmError):
                         logger.warning("Skipping %s", result)
@@ -215,14 +233,11 @@ def main(
                         continue
                     if isinstance(result, Exception):
                         raise result
-                    image, original_size = result
-                    feats = backend.extract(image)
-                    feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
-                    n = len(feats["keypoints"])
+                    n = len(result["keypoints"])
                     if n == 0:
                         logger.warning("%s: no keypoints found", image_dir / name)
                         no_keypoints.append(name)
-                    out.add(name, features_to_h5(feats, dtype))
+                    out.add(name, result)
                     extracted += 1
                     bar.set_postfix(kpts=n, refresh=False)
     else:

@@ -148,6 +148,7 @@ class Int8Local:
         from .runner import available_cores
 
         self.path = Path(path)
+        self.threads = int(threads)
         try:
             content = self.path.read_bytes()
         except OSError as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -137,11 +138,12 @@ class ContextDescRunner:
 
         configure_threads(threads)
         self.precision = resolve_precision(precision, int8_path is not None)
-        self._int8 = None
-        if self.precision == "int8":
-            from .quantize import Int8Local
-
-            self._int8 = Int8Local(int8_path, threads=threads or 0)
+        # int8: one TFLite interpreter per calling thread (they are not thread-safe), ``int8_threads`` threads each
+        self._int8_path = int8_path if self.precision == "int8" else None
+        self._int8_tls = threading.local()
+        self.int8_threads = int(threads or 0)
+        if self._int8_path is not None:
+            self._int8_net()  # a bad file fails here, not in a worker thread
         self.xla = bool(xla)
         self.batch_size = int(batch_size)
         self.bucket = int(bucket) if bucket else 1024
@@ -151,7 +153,7 @@ class ContextDescRunner:
         policy = "mixed_bfloat16" if float_bf16 else None
         builders = builders or {}
         for key, model in list(self.models.items()):
-            if key == "local" and self._int8 is not None:
+            if key == "local" and self._int8_path is not None:
                 continue  # runs as the TFLite model
             builder = builders.get(key)
             if builder is None:
@@ -200,6 +202,18 @@ class ContextDescRunner:
 
             self._augment = tf.function(run_augment, input_signature=sig, jit_compile=self.xla)
 
+    def _int8_net(self, threads: int | None = None):
+        """This thread's interpreter with ``threads`` threads (default ``int8_threads``; 0 = all cores)."""
+        from .quantize import Int8Local
+
+        threads = self.int8_threads if threads is None else int(threads)
+        nets = getattr(self._int8_tls, "nets", None)
+        if nets is None:
+            nets = self._int8_tls.nets = {}
+        if threads not in nets:
+            nets[threads] = Int8Local(self._int8_path, threads=threads)
+        return nets[threads]
+
     def _chunk_sizes(self, n: int) -> list[tuple[int, int]]:
         """(real, padded) sizes of the local-model calls for n patches."""
         B = self.batch_size
@@ -220,15 +234,16 @@ class ContextDescRunner:
     def has_augment(self) -> bool:
         return self._augment is not None
 
-    def local(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 32, 32[, 1]) patches -> raw local descriptors (N, 128) float32 and matchability (N,)."""
+    def local(self, patches: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 32, 32[, 1]) patches -> raw local descriptors (N, 128) float32 and matchability (N,).
+        ``threads``: the int8 interpreter's threads for this call (default ``int8_threads``; 0 = all cores)."""
         x = np.asarray(patches, np.float32)
         n = len(x)
         if n == 0:
             return np.zeros((0, 128), np.float32), np.zeros((0,), np.float32)
         x = x.reshape(n, 32, 32, 1)
-        if self._int8 is not None:
-            return self._int8(x)
+        if self._int8_path is not None:
+            return self._int8_net(threads)(x)
         feats, mbs, i = [], [], 0
         for real, size in self._chunk_sizes(n):
             chunk = x[i : i + real]
