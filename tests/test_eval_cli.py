@@ -2,6 +2,7 @@
 scene rendered by pycolmap (ground truth as ``gt_colmap/``), with random model weights."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -68,7 +69,7 @@ def scene(tmp_path_factory):
     return root / "synth"
 
 
-def test_describers_same_keypoints(models):
+def test_describers_same_keypoints(models, caplog):
     from cd_sfm.features.patches import SiftDetectorConf, detect_sift
     from cd_sfm.models.frozen import generated_image
 
@@ -81,8 +82,11 @@ def test_describers_same_keypoints(models):
     for m, x in out.items():
         assert x.shape == (len(kp["keypoints"]), 128) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4), m
     assert not np.allclose(out["local"], out["contextdesc"])
-    d, absent = M.make_describers(["local", "contextdesc"], str(models / "noaug"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cd_sfm"):
+        d, absent = M.make_describers(["local", "contextdesc"], str(models / "noaug"))
     assert list(d) == ["local"] and "augment" in absent["contextdesc"]
+    assert len([r for r in caplog.records if "augmentation weights" in r.getMessage()]) == 1  # said once
 
 
 def test_pairs_sfm_report(models, scene, tmp_path, capsys):

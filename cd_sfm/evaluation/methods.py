@@ -97,9 +97,11 @@ def make_describers(methods: list[str], model: str = DEFAULT_MODEL, upright: boo
     if learned:
         if backend is None:
             from ..features.contextdesc import ContextDescBackend
+            from ..models import registry
 
-            backend = ContextDescBackend(model=model, augment="contextdesc" in learned, upright=upright,
-                                         precision=precision)
+            # without augmentation weights ``contextdesc`` is reported absent below (one warning, not the backend's)
+            augment = "contextdesc" in learned and registry.resolve(model).path("augment") is not None
+            backend = ContextDescBackend(model=model, augment=augment, upright=upright, precision=precision)
         ld = _LearnedDescriber(backend)
     for m in methods:
         if m == "rootsift":
