@@ -296,10 +296,12 @@ def test_presets_live_in_the_package():
     shipped = {p.relative_to(pkg).as_posix() for pat in patterns for p in pkg.glob(pat) if p.is_file()}
     for name in config_mod.available_presets():
         assert f"configs/{name}.yaml" in shipped, name
-    # the top-level configs/ of the source tree points at the same files; split.yaml stays there (training metadata)
+    # the top-level configs/ of the source tree points at the same files, the scene split too (package data, not a
+    # preset: `cd-sfm train` works from an installed package)
     for name in ("default", "fast", "accurate", "large"):
         assert (REPO / "configs" / f"{name}.yaml").resolve() == (pkg / "configs" / f"{name}.yaml").resolve()
-    assert (REPO / "configs" / "split.yaml").is_file() and "split" not in config_mod.available_presets()
+    assert (REPO / "configs" / "split.yaml").resolve() == (pkg / "split.yaml").resolve()
+    assert "split.yaml" in shipped and "split" not in config_mod.available_presets()
 
 
 @pytest.mark.slow  # builds a wheel (~10-20 s)
@@ -316,6 +318,9 @@ def test_wheel_holds_the_presets(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("default", "fast", "accurate", "large"):
         assert f"cd_sfm/configs/{name}.yaml" in names
+    for name in ("split.yaml", "weights/cd-sfm-v1/local.npz", "weights/cd-sfm-v1/local_int8.tflite",
+                 "weights/cd-sfm-v1/local_int8.json"):
+        assert f"cd_sfm/{name}" in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=600)

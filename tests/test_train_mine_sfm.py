@@ -78,7 +78,7 @@ def test_resume_view_mode_and_rotation(mined):
 def test_eval_scenes_refused(tmp_path):
     split = tmp_path / "repo" / "configs" / "split.yaml"
     split.parent.mkdir(parents=True)
-    split.write_text("data_root: ../data\neval:\n  - hpatches\n")
+    split.write_text("data_root: ../../data\neval:\n  - hpatches\n")  # relative to the file's folder
     (tmp_path / "data" / "hpatches" / "v_x").mkdir(parents=True)
     with pytest.raises(CdSfmError, match="EVAL"):
         ms.mine_sfm([tmp_path / "data" / "hpatches" / "v_x"], tmp_path / "o.h5", split_file=split)

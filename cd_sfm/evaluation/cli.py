@@ -23,18 +23,9 @@ import time
 from pathlib import Path
 
 from ..io import CdSfmError
+from ..split import REPO_ROOT, default_data_root
 
 logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def default_data_root() -> Path:
-    env = os.environ.get("CD_SFM_DATA")
-    if env:
-        return Path(env)
-    return REPO_ROOT.parent / "shared" / "data"
-
 
 def data_root(arg: str | None) -> Path:
     root = Path(arg) if arg else default_data_root()

@@ -55,11 +55,11 @@ from tqdm import tqdm
 
 from ..features.patches import extract_patches
 from ..io import CdSfmError, require_h5_path
+from ..split import SPLIT_FILE, eval_dirs
 from .homography import IMAGE_EXTS, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILE = Path(__file__).resolve().parents[2] / "configs" / "split.yaml"
 
 
 @dataclass
@@ -86,14 +86,10 @@ class SfmMineConf:
 
 
 def check_train_scenes(scene_dirs, split_file: Path | None = SPLIT_FILE) -> None:
-    """Refuse scene folders inside an EVAL scene of ``configs/split.yaml`` (they are never trained on)."""
+    """Refuse scene folders inside an EVAL scene of the split (``cd_sfm/split.yaml``: never trained on)."""
     if split_file is None or not Path(split_file).exists():
         return
-    import yaml
-
-    split = yaml.safe_load(Path(split_file).read_text()) or {}
-    root = (Path(split_file).parents[1] / split.get("data_root", "../shared/data")).resolve()
-    evals = [(root / e).resolve() for e in split.get("eval") or []]
+    evals = eval_dirs(split_file)
     for d in scene_dirs:
         rd = Path(d).resolve()
         for e in evals:

@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
 from ..io import CdSfmError, require_h5_path
+from ..split import SPLIT_FILE, train_dirs
 from .homography import (HomographyConf, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment,
                          random_homography, warp_keypoints)
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILE = Path(__file__).resolve().parents[2] / "configs" / "split.yaml"
 
 
 @dataclass
@@ -143,16 +143,8 @@ def make_image_pair(gray: np.ndarray, rng: np.random.Generator, conf: PairMineCo
 
 
 def training_images(split_file: str | Path = SPLIT_FILE, data_root: str | Path | None = None) -> list[Path]:
-    """The sorted image list of the TRAIN scenes of ``configs/split.yaml`` (the homography miner's list)."""
-    import yaml
-
-    split = yaml.safe_load(Path(split_file).read_text())
-    root = Path(data_root) if data_root else (Path(split_file).resolve().parents[1] / split["data_root"]).resolve()
-    dirs = [root / d for d in split["train"].values()]
-    missing = [str(d) for d in dirs if not d.is_dir()]
-    if missing:
-        raise CdSfmError(f"{missing[0]}: training scene folder not found (data root {root})")
-    return list_images(dirs)
+    """The sorted image list of the TRAIN scenes of the split (``cd_sfm/split.yaml``; the homography miner's list)."""
+    return list_images(train_dirs(split_file, data_root))
 
 
 class _Writer:

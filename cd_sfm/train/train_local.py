@@ -312,12 +312,9 @@ def export_weights(model, name: str, meta: dict, export_dir: str | Path | None =
 
 
 def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None, source: str) -> dict:
-    split_file = Path(__file__).resolve().parents[2] / "configs" / "split.yaml"
-    split = None
-    if split_file.exists():
-        import yaml
+    from ..split import SPLIT_FILE, load_split
 
-        split = yaml.safe_load(split_file.read_text())
+    split = load_split(SPLIT_FILE) if SPLIT_FILE.exists() else None
     image_names = json.loads(data_attrs.get("image_names", "[]"))
     scenes = sorted({_scene_of(n) for n in image_names})
     return {
