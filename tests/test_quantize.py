@@ -161,3 +161,24 @@ def test_extract_stage_runs_images_in_parallel_with_the_same_result(folder, tmp_
     auto = ContextDescBackend(model=str(folder), precision="int8")
     assert auto.parallel_images == min(2, auto._cores)
     assert ContextDescBackend(model=str(folder), precision="fp32").parallel_images == 1
+
+
+def test_probe_local_speed_times_both_and_keeps_the_faster(folder):
+    """What ``precision: auto`` runs on AMX CPUs (none here): both forms timed on this CPU."""
+    from cd_sfm.models.runner import probe_local_speed
+
+    model = build_local_model()
+    load_weights_npz(model, folder / "local.npz")
+    r = probe_local_speed(folder / q.INT8_FILE, model, build_local_model, n=256, batch=128, repeats=1)
+    assert r["int8"] > 0 and r["bf16"] > 0
+    assert r["choice"] == max(("int8", "bf16"), key=r.get)
+
+
+def test_auto_on_an_amx_cpu_probes_then_extracts(folder, monkeypatch):
+    from cd_sfm.models import runner
+
+    monkeypatch.setattr(runner, "bf16_support", lambda: "AMX")  # the wiring; the timing itself is real
+    b = ContextDescBackend(model=str(folder), precision="auto", max_keypoints=200)
+    assert b.runner.probe is not None and b.runner.precision == b.runner.probe["choice"]
+    f = b.extract(generated_image(240, 320, seed=4))
+    assert f["descriptors"].shape[1] == 128 and np.allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-3)

@@ -13,7 +13,8 @@ then runs the convolutions in bf16. Elsewhere the request falls back to fp32 wit
 
 int8: the local model runs as its quantised TFLite form (``quantize.py``, ``local_int8.tflite`` of the model folder);
 augmentation and regional models run in bf16 where the CPU has it, else fp32. ``auto`` picks int8 when the model has
-an up-to-date int8 file, else bf16 when the CPU computes it natively, else fp32.
+an up-to-date int8 file (on a CPU with AMX, where oneDNN runs bf16 on the matrix units, it times both once with
+``probe_local_speed`` and keeps the faster), else bf16 when the CPU computes it natively, else fp32.
 """
 
 from __future__ import annotations
@@ -115,6 +116,48 @@ def build_with_policy(builder, policy: str | None, *args, **kw):
         keras.config.set_dtype_policy(old)
 
 
+def probe_local_speed(int8_path, local_model, builder, threads: int | None = None, fold_bn: bool = True,
+                      n: int = 1024, batch: int = 256, repeats: int = 2) -> dict:
+    """Patches/s of the local network on this CPU as the int8 TFLite model and as the bf16 Keras model (the fp32
+    ``local_model`` copied into a ``mixed_bfloat16`` twin), on ``n`` random patches after a warm-up; ``choice`` is
+    the faster of "int8" and "bf16"."""
+    import tensorflow as tf
+
+    from .fold import fold_batchnorm
+    from .quantize import Int8Local
+
+    x = np.random.default_rng(0).normal(size=(n, 32, 32, 1)).astype(np.float32)
+    twin = build_with_policy(builder, "mixed_bfloat16", **({"fold_bn": True} if fold_bn else {}))
+    if fold_bn:
+        fold_batchnorm(local_model, twin)
+    else:
+        twin.set_weights(local_model.get_weights())
+    fn = tf.function(lambda a: twin(a, training=False))
+    net = Int8Local(int8_path, threads=threads or 0, batch_size=batch)
+
+    def run_bf16():
+        for i in range(0, n, batch):
+            fn(x[i : i + batch])["conv6_feat"].numpy()
+
+    def run_int8():
+        net(x)
+
+    speed = {}
+    for name, run in (("int8", run_int8), ("bf16", run_bf16)):
+        run()  # warm-up (traces the bf16 function)
+        best = min(_timed(run) for _ in range(repeats))
+        speed[name] = n / max(best, 1e-9)
+    return {**speed, "choice": max(speed, key=speed.get)}
+
+
+def _timed(fn) -> float:
+    import time
+
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _round_up(n: int, m: int) -> int:
     return max(m, -(-n // m) * m)
 
@@ -138,6 +181,16 @@ class ContextDescRunner:
 
         configure_threads(threads)
         self.precision = resolve_precision(precision, int8_path is not None)
+        self.probe = None
+        if (precision == "auto" and self.precision == "int8" and bf16_support() == "AMX" and builders
+                and builders.get("local") is not None):
+            # AMX: oneDNN's bf16 on the matrix units may beat the int8 TFLite model (not measured on our machines):
+            # time both on this CPU once and keep the faster
+            self.probe = probe_local_speed(int8_path, models["local"], builders["local"], threads=threads,
+                                           fold_bn=fold_bn)
+            self.precision = self.probe["choice"]
+            logger.info("precision auto on an AMX CPU: local network int8 %.0f patches/s, bf16 %.0f patches/s -> %s",
+                        self.probe["int8"], self.probe["bf16"], self.precision)
         # int8: one TFLite interpreter per calling thread (they are not thread-safe), ``int8_threads`` threads each
         self._int8_path = int8_path if self.precision == "int8" else None
         self._int8_tls = threading.local()
