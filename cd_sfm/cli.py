@@ -31,6 +31,7 @@ from pathlib import Path
 from . import __version__
 from . import config as config_mod
 from .io import CdSfmError
+from .models.runner import PRECISIONS
 
 logger = logging.getLogger("cd_sfm")
 
@@ -92,7 +93,7 @@ def _add_features(p: argparse.ArgumentParser) -> None:
                                    "(default: the shipped model)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
                    help="ContextDesc: store the raw local descriptors (no context augmentation)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"],
+    g.add_argument("--precision", choices=PRECISIONS,
                    help="ContextDesc inference: auto (default: the int8 local model when the model has one, else bf16 "
                         "where the CPU computes it natively, else fp32), or one of them")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .models.runner import PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 ROWS = (("sift", "SIFT"), ("local", "raw local"), ("augmented", "augmented"))
@@ -138,7 +140,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upright", action="store_true", help="no keypoint orientation")
     p.add_argument("--ratio", type=float, default=None, help="ratio test on top of mutual nearest neighbours")
     p.add_argument("--no-regional", action="store_true", help="geometric context only")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="inference precision (default fp32; int8 needs `cd-sfm models quantize`)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..io import CdSfmError
+from ..models.runner import PRECISIONS
 from ..split import REPO_ROOT, default_data_root
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _common(p: argparse.ArgumentParser, output: str, max_size: int) -> None:
     p.add_argument("--output", default=output, help=f"JSON results (default {output}; '' for none)")
     p.add_argument("--max-keypoints", type=int, default=4096)
     p.add_argument("--max-size", type=int, default=max_size, help="longest image side (0: full resolution)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8", "auto"),
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference precision of the learned methods (default fp32)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="count", default=0)
