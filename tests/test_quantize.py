@@ -164,21 +164,38 @@ def test_extract_stage_runs_images_in_parallel_with_the_same_result(folder, tmp_
 
 
 def test_probe_local_speed_times_both_and_keeps_the_faster(folder):
-    """What ``precision: auto`` runs on AMX CPUs (none here): both forms timed on this CPU."""
+    """What ``precision: auto`` runs on CPUs where int8 was not measured faster: both forms timed on this CPU."""
     from cd_sfm.models.runner import probe_local_speed
 
     model = build_local_model()
     load_weights_npz(model, folder / "local.npz")
-    r = probe_local_speed(folder / q.INT8_FILE, model, build_local_model, n=256, batch=128, repeats=1)
-    assert r["int8"] > 0 and r["bf16"] > 0
-    assert r["choice"] == max(("int8", "bf16"), key=r.get)
+    for fp in ("bf16", "fp32"):
+        r = probe_local_speed(folder / q.INT8_FILE, model, build_local_model, fp, n=256, batch=128, repeats=1)
+        assert r["int8"] > 0 and r[fp] > 0
+        assert r["choice"] == max(("int8", fp), key=r.get)
 
 
-def test_auto_on_an_amx_cpu_probes_then_extracts(folder, monkeypatch):
+@pytest.mark.parametrize("hw", ["AMX", None])
+def test_auto_probes_where_int8_was_not_measured_then_extracts(folder, monkeypatch, hw):
     from cd_sfm.models import runner
 
-    monkeypatch.setattr(runner, "bf16_support", lambda: "AMX")  # the wiring; the timing itself is real
+    # the wiring on an AMX CPU and on one without VNNI or bf16 (none here); the timing itself is real
+    monkeypatch.setattr(runner, "int8_measured_faster", lambda: False)
+    monkeypatch.setattr(runner, "bf16_support", lambda: hw)
+    monkeypatch.setattr(runner, "_PROBES", {})
     b = ContextDescBackend(model=str(folder), precision="auto", max_keypoints=200)
-    assert b.runner.probe is not None and b.runner.precision == b.runner.probe["choice"]
+    p = b.runner.probe
+    assert p is not None and set(p) == {"int8", "bf16" if hw else "fp32", "choice"}
+    assert b.runner.precision == p["choice"]
     f = b.extract(generated_image(240, 320, seed=4))
     assert f["descriptors"].shape[1] == 128 and np.allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-3)
+    again = ContextDescBackend(model=str(folder), precision="auto", max_keypoints=200)
+    assert again.runner.probe is p  # timed once per process
+
+
+def test_no_probe_where_int8_was_measured_faster(folder, monkeypatch):
+    from cd_sfm.models import runner
+
+    monkeypatch.setattr(runner, "int8_measured_faster", lambda: True)
+    b = ContextDescBackend(model=str(folder), precision="auto")
+    assert b.runner.probe is None and b.runner.precision == "int8"

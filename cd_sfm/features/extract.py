@@ -64,7 +64,8 @@ confs: dict[str, dict] = {
         "descriptor_dtype": "float16",
     },
     # the learned descriptor; its options are ContextDescBackend.Conf fields (the backend's defaults when empty)
-    # the same keypoints as the sift preset (8192, contrast 0.02); bf16 where the CPU computes it natively
+    # the same keypoints as the sift preset (8192, contrast 0.02); precision auto: the int8 local network where the
+    # model has one (see cd_sfm.models.runner), else bf16 where the CPU computes it natively, else fp32
     "contextdesc": {
         "output": "feats-contextdesc-n8192-r1600",
         "backend": "contextdesc",

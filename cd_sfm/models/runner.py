@@ -13,8 +13,9 @@ then runs the convolutions in bf16. Elsewhere the request falls back to fp32 wit
 
 int8: the local model runs as its quantised TFLite form (``quantize.py``, ``local_int8.tflite`` of the model folder);
 augmentation and regional models run in bf16 where the CPU has it, else fp32. ``auto`` picks int8 when the model has
-an up-to-date int8 file (on a CPU with AMX, where oneDNN runs bf16 on the matrix units, it times both once with
-``probe_local_speed`` and keeps the faster), else bf16 when the CPU computes it natively, else fp32.
+an up-to-date int8 file (except on CPUs where int8 was not measured faster - AMX, where oneDNN runs bf16 on the
+matrix units, or no AVX512-VNNI: there it times int8 and the float form once with ``probe_local_speed`` and keeps the
+faster), else bf16 when the CPU computes it natively, else fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
+_PROBES: dict = {}  # (int8 file, float precision, threads) -> probe_local_speed result, once per process
 _THREADS_SET = False
 
 
@@ -116,18 +118,26 @@ def build_with_policy(builder, policy: str | None, *args, **kw):
         keras.config.set_dtype_policy(old)
 
 
-def probe_local_speed(int8_path, local_model, builder, threads: int | None = None, fold_bn: bool = True,
-                      n: int = 1024, batch: int = 256, repeats: int = 2) -> dict:
-    """Patches/s of the local network on this CPU as the int8 TFLite model and as the bf16 Keras model (the fp32
-    ``local_model`` copied into a ``mixed_bfloat16`` twin), on ``n`` random patches after a warm-up; ``choice`` is
-    the faster of "int8" and "bf16"."""
+def int8_measured_faster() -> bool:
+    """Whether this CPU is of the kind where the int8 TFLite local network was measured faster than the float one
+    (AVX512-VNNI without AMX: 1.6x bf16, 3x fp32 on Zen 4). Elsewhere ``auto`` times both (``probe_local_speed``)."""
+    flags = cpu_flags()
+    return "avx512_vnni" in flags and "amx_bf16" not in flags
+
+
+def probe_local_speed(int8_path, local_model, builder, float_precision: str = "bf16", threads: int | None = None,
+                      fold_bn: bool = True, n: int = 1024, batch: int = 256, repeats: int = 2) -> dict:
+    """Patches/s of the local network on this CPU as the int8 TFLite model and as the Keras model in
+    ``float_precision`` (bf16: the fp32 ``local_model`` copied into a ``mixed_bfloat16`` twin; fp32), on ``n`` random
+    patches after a warm-up; ``choice`` is the faster of "int8" and ``float_precision``."""
     import tensorflow as tf
 
     from .fold import fold_batchnorm
     from .quantize import Int8Local
 
     x = np.random.default_rng(0).normal(size=(n, 32, 32, 1)).astype(np.float32)
-    twin = build_with_policy(builder, "mixed_bfloat16", **({"fold_bn": True} if fold_bn else {}))
+    policy = "mixed_bfloat16" if float_precision == "bf16" else None
+    twin = build_with_policy(builder, policy, **({"fold_bn": True} if fold_bn else {}))
     if fold_bn:
         fold_batchnorm(local_model, twin)
     else:
@@ -135,7 +145,7 @@ def probe_local_speed(int8_path, local_model, builder, threads: int | None = Non
     fn = tf.function(lambda a: twin(a, training=False))
     net = Int8Local(int8_path, threads=threads or 0, batch_size=batch)
 
-    def run_bf16():
+    def run_float():
         for i in range(0, n, batch):
             fn(x[i : i + batch])["conv6_feat"].numpy()
 
@@ -143,8 +153,8 @@ def probe_local_speed(int8_path, local_model, builder, threads: int | None = Non
         net(x)
 
     speed = {}
-    for name, run in (("int8", run_int8), ("bf16", run_bf16)):
-        run()  # warm-up (traces the bf16 function)
+    for name, run in (("int8", run_int8), (float_precision, run_float)):
+        run()  # warm-up (traces the float function)
         best = min(_timed(run) for _ in range(repeats))
         speed[name] = n / max(best, 1e-9)
     return {**speed, "choice": max(speed, key=speed.get)}
@@ -182,15 +192,19 @@ class ContextDescRunner:
         configure_threads(threads)
         self.precision = resolve_precision(precision, int8_path is not None)
         self.probe = None
-        if (precision == "auto" and self.precision == "int8" and bf16_support() == "AMX" and builders
+        if (precision == "auto" and self.precision == "int8" and not int8_measured_faster() and builders
                 and builders.get("local") is not None):
-            # AMX: oneDNN's bf16 on the matrix units may beat the int8 TFLite model (not measured on our machines):
-            # time both on this CPU once and keep the faster
-            self.probe = probe_local_speed(int8_path, models["local"], builders["local"], threads=threads,
-                                           fold_bn=fold_bn)
+            # a CPU where int8 was not measured faster (AMX: oneDNN's bf16 on the matrix units; no VNNI): time the
+            # int8 and the float local network once and keep the faster
+            float_precision = "bf16" if bf16_support() else "fp32"
+            key = (str(int8_path), float_precision, threads or 0)
+            if key not in _PROBES:  # once per process
+                _PROBES[key] = probe_local_speed(int8_path, models["local"], builders["local"], float_precision,
+                                                 threads=threads, fold_bn=fold_bn)
+            self.probe = _PROBES[key]
             self.precision = self.probe["choice"]
-            logger.info("precision auto on an AMX CPU: local network int8 %.0f patches/s, bf16 %.0f patches/s -> %s",
-                        self.probe["int8"], self.probe["bf16"], self.precision)
+            logger.info("precision auto: local network int8 %.0f patches/s, %s %.0f patches/s -> %s",
+                        self.probe["int8"], float_precision, self.probe[float_precision], self.precision)
         # int8: one TFLite interpreter per calling thread (they are not thread-safe), ``int8_threads`` threads each
         self._int8_path = int8_path if self.precision == "int8" else None
         self._int8_tls = threading.local()
