@@ -19,6 +19,7 @@ being written; the next run reads the completed names from the main file and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -108,6 +109,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # listing and reading
+
+
+def hash_file(h, path: str | Path):
+    """Feed the bytes of ``path`` to the hashlib object ``h`` in 1 MiB blocks; returns ``h``."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
+@contextlib.contextmanager
+def open_h5(path: str | Path, keys: Iterable[str], kind: str, missing: str) -> Iterator[h5py.File]:
+    """An HDF5 input opened for reading, with one-line errors: ``"<path>: <missing>"`` when there is no such file,
+    ``"<path>: not a <kind> (no '<key>')"`` when one of ``keys`` is absent, ``"<path>: cannot read it (...)"`` when
+    HDF5 cannot open it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CdSfmError(f"{path}: {missing}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CdSfmError(f"{path}: cannot read it ({e})") from e
+    with f:
+        for k in keys:
+            if k not in f:
+                raise CdSfmError(f"{path}: not a {kind} (no '{k}')")
+        yield f
 
 
 def require_h5_path(path: str | Path) -> None:

@@ -101,7 +101,7 @@ class ContextDescBackend:
             _say_once(("geo", conf.model), "%s: no regional model: augmentation with geometric context only",
                       conf.model)
         self.timings: dict = defaultdict(float)  # seconds per stage and counts ("images", "patches"), accumulated
-        self._timings_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards timings and _inflight (extract() may run in threads)
         self._inflight = 0  # extract() calls running now (several under ``concurrent``)
         from ..models.runner import available_cores
 
@@ -179,12 +179,12 @@ class ContextDescBackend:
         return self._extract(image, keep_local=True)
 
     def _extract(self, image: np.ndarray, keep_local: bool) -> dict:
-        with self._timings_lock:
+        with self._lock:
             self._inflight += 1
         try:
             return self._extract_one(image, keep_local)
         finally:
-            with self._timings_lock:
+            with self._lock:
                 self._inflight -= 1
 
     def _extract_one(self, image: np.ndarray, keep_local: bool) -> dict:
@@ -208,7 +208,7 @@ class ContextDescBackend:
         t1 = time.perf_counter()
         patches = extract_patches(gray, kp["keypoints"], kp["scales"], kp["angles"], upright=self.conf.upright)
         t2 = time.perf_counter()
-        with self._timings_lock:
+        with self._lock:
             alone = self._inflight <= 1
         feat, mb = self.runner.local(patches, threads=0 if alone else None)
         t3 = time.perf_counter()
@@ -228,7 +228,7 @@ class ContextDescBackend:
             tm["augment"] = time.perf_counter() - t4
         else:
             desc = l2_normalize(feat)
-        with self._timings_lock:  # extract() may run in several threads (parallel_images)
+        with self._lock:
             for k, v in tm.items():
                 self.timings[k] += v
         keypoints = kp["keypoints"].astype(np.float32)

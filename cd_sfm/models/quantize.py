@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import CdSfmError
+from ..io import CdSfmError, hash_file, open_h5
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,7 @@ STANDARDIZE_EPS = 1e-5  # PatchStandardize's
 
 
 def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(hashlib.sha256(), path).hexdigest()
 
 
 def standardize(patches: np.ndarray) -> np.ndarray:
@@ -196,14 +192,13 @@ def agreement(model, int8: Int8Local, patches: np.ndarray) -> dict:
     """Cosine of the int8 descriptors to the float model's on ``patches``, and the largest matchability difference."""
     import tensorflow as tf
 
+    from .runner import l2_normalize
+
     x = standardize(patches)
     ref = model(tf.constant(x), training=False)
-    f32 = np.asarray(ref["conv6_feat"], np.float32)
     m32 = np.asarray(ref["kpt_mb"], np.float32).reshape(-1)
     f8, m8 = int8(x)
-    a = f32 / np.maximum(np.linalg.norm(f32, axis=1, keepdims=True), 1e-12)
-    b = f8 / np.maximum(np.linalg.norm(f8, axis=1, keepdims=True), 1e-12)
-    cos = (a * b).sum(1)
+    cos = (l2_normalize(ref["conv6_feat"]) * l2_normalize(f8)).sum(1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
             "matchability_max_abs": float(np.abs(m32 - m8).max()), "patches": int(len(x))}
 
@@ -241,19 +236,12 @@ def patches_from_images(paths, num: int = 4096, seed: int = 0, max_keypoints: in
 def patches_from_h5(path, num: int = 4096, seed: int = 0) -> np.ndarray:
     """``num`` training patches (not the validation ones) of a ``cd-sfm train`` patch file (``patches`` (N, 2, 32, 32),
     ``is_val``)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            if "patches" not in f:
-                raise CdSfmError(f"{path}: no 'patches' dataset (expected a `cd-sfm train` patch file)")
-            n = len(f["patches"])
-            train = np.flatnonzero(~f["is_val"][:]) if "is_val" in f else np.arange(n)
-            rng = np.random.default_rng(seed)
-            idx = np.sort(rng.choice(train, size=min(num, len(train)), replace=False))
-            return np.asarray(f["patches"][idx][:, 0], np.float32)
-    except OSError as e:
-        raise CdSfmError(f"{path}: cannot read patches ({e})") from e
+    with open_h5(path, ("patches",), "`cd-sfm train` patch file", "patch file not found") as f:
+        n = len(f["patches"])
+        train = np.flatnonzero(~f["is_val"][:]) if "is_val" in f else np.arange(n)
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(train, size=min(num, len(train)), replace=False))
+        return np.asarray(f["patches"][idx][:, 0], np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -321,9 +309,6 @@ def quantize_folder(folder, calibration: np.ndarray, source: str, holdout: float
     return meta
 
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".tif", ".tiff", ".bmp", ".webp"}
-
-
 def quantize_model(name, images=None, patches=None, num: int = 4096, seed: int = 0) -> dict:
     """``cd-sfm models quantize``: calibrate on ``num`` patches of the images in folder ``images`` or of a training
     patch file ``patches`` and write the int8 local model into the folder of registry model ``name``."""
@@ -337,14 +322,12 @@ def quantize_model(name, images=None, patches=None, num: int = 4096, seed: int =
         folder = Path(images)
         if not folder.is_dir():
             raise CdSfmError(f"{folder}: not a folder of images")
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-        if not paths:
-            raise CdSfmError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})")
+        from ..images import list_images
+
+        paths = [folder / name for name in list_images(folder)]
         cal = patches_from_images(paths, num=num, seed=seed)
         source = f"{len(cal)} patches of {len(paths)} images in {folder.name}/ (seed {seed})"
     else:
-        if not Path(patches).is_file():
-            raise CdSfmError(f"{patches}: patch file not found")
         cal = patches_from_h5(patches, num=num, seed=seed)
         source = f"{len(cal)} training patches of {Path(patches).name} (seed {seed})"
     if not os.access(entry.folder, os.W_OK):

@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import CdSfmError
+from ..io import CdSfmError, hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ class ModelInfo:
             p = self.path(c)
             if p is not None:
                 h.update(c.encode())
-                with open(p, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
+                hash_file(h, p)
         return h.hexdigest()[:16]
 
     @property
@@ -533,9 +531,9 @@ def cmd_list(args=None) -> int:
     for m in list_models():
         present.add(m.name)
         comps = "+".join(m.components) or "(no weights yet)"
-        if m.components and (m.folder / "local_int8.tflite").is_file():
-            from .quantize import int8_path
+        from .quantize import INT8_FILE, int8_path
 
+        if m.components and (m.folder / INT8_FILE).is_file():
             comps += " (int8)" if int8_path(m.folder) else " (int8 stale)"
         rows.append((m.name, m.source, comps, m.trained_on))
     for off in OFFICIAL.values():

@@ -118,6 +118,22 @@ def build_with_policy(builder, policy: str | None, *args, **kw):
         keras.config.set_dtype_policy(old)
 
 
+def inference_twin(model, builder, policy: str | None, fold_bn: bool):
+    """The form of ``model`` that inference runs: with ``fold_bn`` the builder's ``fold_bn=True`` model with the batch
+    norms folded in, else (under a dtype ``policy``) a copy; built under ``policy``. None: ``model`` itself serves."""
+    from .fold import fold_batchnorm
+
+    if fold_bn:
+        twin = build_with_policy(builder, policy, fold_bn=True)
+        fold_batchnorm(model, twin)
+        return twin
+    if policy:
+        twin = build_with_policy(builder, policy)
+        twin.set_weights(model.get_weights())
+        return twin
+    return None
+
+
 def int8_measured_faster() -> bool:
     """Whether this CPU is of the kind where the int8 TFLite local network was measured faster than the float one
     (AVX512-VNNI without AMX: 1.6x bf16, 3x fp32 on Zen 4). Elsewhere ``auto`` times both (``probe_local_speed``)."""
@@ -132,16 +148,11 @@ def probe_local_speed(int8_path, local_model, builder, float_precision: str = "b
     patches after a warm-up; ``choice`` is the faster of "int8" and ``float_precision``."""
     import tensorflow as tf
 
-    from .fold import fold_batchnorm
     from .quantize import Int8Local
 
     x = np.random.default_rng(0).normal(size=(n, 32, 32, 1)).astype(np.float32)
     policy = "mixed_bfloat16" if float_precision == "bf16" else None
-    twin = build_with_policy(builder, policy, **({"fold_bn": True} if fold_bn else {}))
-    if fold_bn:
-        fold_batchnorm(local_model, twin)
-    else:
-        twin.set_weights(local_model.get_weights())
+    twin = inference_twin(local_model, builder, policy, fold_bn) or local_model
     fn = tf.function(lambda a: twin(a, training=False))
     net = Int8Local(int8_path, threads=threads or 0, batch_size=batch)
 
@@ -187,8 +198,6 @@ class ContextDescRunner:
                  int8_path=None):
         import tensorflow as tf
 
-        from .fold import fold_batchnorm
-
         configure_threads(threads)
         self.precision = resolve_precision(precision, int8_path is not None)
         self.probe = None
@@ -227,13 +236,8 @@ class ContextDescRunner:
                 if policy:
                     raise ValueError(f"bf16 needs the builder of the {key} model")
                 continue
-            if fold_bn and key in ("local", "regional"):
-                twin = build_with_policy(builder, policy, fold_bn=True)
-                fold_batchnorm(model, twin)
-                self.models[key] = twin
-            elif policy:
-                twin = build_with_policy(builder, policy)
-                twin.set_weights(model.get_weights())
+            twin = inference_twin(model, builder, policy, fold_bn and key in ("local", "regional"))
+            if twin is not None:
                 self.models[key] = twin
         self.visual = "augment" in self.models and "regional_feat" in {i.name for i in self.models["augment"].inputs}
         f32 = tf.float32

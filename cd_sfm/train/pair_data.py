@@ -34,7 +34,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
-from ..io import CdSfmError, require_h5_path
+from ..io import CdSfmError, open_h5, require_h5_path
 from ..split import SPLIT_FILE, train_dirs
 from .homography import (HomographyConf, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment,
                          random_homography, warp_keypoints)
@@ -256,12 +256,8 @@ def read_pairs(path: str | Path, which: str = "all", patches: bool = False) -> d
     """Load a pair file into memory: per pair a dict with ``feat`` (2 arrays), ``mb``, ``xy`` (normalised),
     ``kpts``, ``matches``, ``H``, ``is_val``, and ``patches`` when asked. ``which``: all | train | val."""
     path = Path(path)
-    if not path.is_file():
-        raise CdSfmError(f"{path}: pair data not found (build it with 'cd-sfm train mine-pairs')")
-    with h5py.File(path, "r") as f:
-        for k in ("feat", "matches", "img_offset", "match_offset"):
-            if k not in f:
-                raise CdSfmError(f"{path}: not a mined pair file (no '{k}')")
+    with open_h5(path, ("feat", "matches", "img_offset", "match_offset"), "mined pair file",
+                 "pair data not found (build it with 'cd-sfm train mine-pairs')") as f:
         io, mo = f["img_offset"][()], f["match_offset"][()]
         is_val = f["is_val"][()]
         sel = {"all": np.arange(len(is_val)), "train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}[which]

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..io import CdSfmError, atomic_write_text
+from ..io import CdSfmError, atomic_write_text, hash_file
 from .pair_data import read_pairs
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
@@ -394,7 +394,7 @@ def _local_weights_path(name: str) -> Path:
 
 
 def _sha1(path) -> str:
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    return hash_file(hashlib.sha1(), path).hexdigest()
 
 
 def train_augment(conf: AugTrainConf) -> dict:

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ..io import CdSfmError, atomic_write_text
+from ..io import CdSfmError, atomic_write_text, open_h5
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
 logger = logging.getLogger(__name__)
@@ -76,12 +76,8 @@ class TrainConf:
 
 def _load_data(path: str, max_train_pairs: int = 0, val_pairs: int = 4096, seed: int = 0):
     path = Path(path)
-    if not path.exists():
-        raise CdSfmError(f"{path}: training data not found (mine it with 'cd-sfm train mine-homography')")
-    with h5py.File(path, "r") as f:
-        for k in ("patches", "scales", "kpt_ids", "is_val"):
-            if k not in f:
-                raise CdSfmError(f"{path}: not a mined patch-pair file (no '{k}')")
+    with open_h5(path, ("patches", "scales", "kpt_ids", "is_val"), "mined patch-pair file",
+                 "training data not found (mine it with 'cd-sfm train mine-homography')") as f:
         is_val = f["is_val"][()]
         n = len(is_val)
         patches = np.empty((n, 2, 32, 32), np.uint8)
