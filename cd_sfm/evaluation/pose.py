@@ -216,7 +216,7 @@ def select_pairs(views: dict[str, GTView], max_view_angle: float = 60.0) -> list
     scale = float(np.median(list(base.values()))) if base else 0.0
     out = []
     for a, b in combos:
-        if max_view_angle and angle_between(views[a].axis, views[b].axis) > max_view_angle:
+        if max_view_angle and angle_between(views[a].axis, views[b].axis) > max_view_angle + 1e-6:  # 60.0000001 is 60
             continue
         if base[(a, b)] <= 1e-6 * scale:
             continue
