@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,19 @@ def _features_choices() -> list[str]:
         return ["sift", "rootsift", "contextdesc"]
 
 
+def quiet_tensorflow(verbose: int) -> None:
+    """TensorFlow's native start-up lines (cpu_feature_guard, oneDNN, absl's pre-init warning) go to stderr from C++
+    as soon as it is imported, and its Python deprecation notes through the ``tensorflow`` logger: silence both unless
+    ``-v``. Must run before anything imports TensorFlow; the variable is inherited by subprocesses and local Ray
+    workers. A value the user set is kept."""
+    if verbose > 0:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
 def setup_logging(verbose: int, quiet: int) -> int:
+    quiet_tensorflow(verbose)
     level = logging.INFO - 10 * verbose + 10 * quiet
     level = max(logging.DEBUG, min(logging.ERROR, level))
     handler = logging.StreamHandler(sys.stderr)

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .io import CdSfmError, H5Appender, completed_names
+from .io import CdSfmError, H5Appender, completed_names, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -324,8 +324,9 @@ def load_model(global_path: str | Path) -> tuple[dict, dict[str, np.ndarray]] | 
     path = model_path(global_path)
     if not path.exists():
         return None
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = read_npz(path, "retrieval model file")
+    if "__meta__" not in arrays:
+        raise CdSfmError(f"{path}: not a retrieval model file (no metadata)")
     meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     return meta, arrays
 

@@ -138,6 +138,27 @@ def open_h5(path: str | Path, keys: Iterable[str], kind: str, missing: str) -> I
         yield f
 
 
+def read_npz(path: str | Path, kind: str = "weights file") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, never unpickling: a file holding Python objects, or one that is not a
+    readable npz, is a one-line ``CdSfmError`` naming it."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise CdSfmError(f"{path}: {kind} not found") from None
+    except ValueError as e:
+        why = "holds pickled Python objects, which are never loaded" if "pickle" in str(e) else str(e).splitlines()[0]
+        raise CdSfmError(f"{path}: not a {kind} ({why})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise CdSfmError(f"{path}: not a readable {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
 def require_h5_path(path: str | Path) -> None:
     """One-line error unless ``path`` names an HDF5 file (``.h5`` / ``.hdf5``): guards output arguments."""
     if not str(path).endswith((".h5", ".hdf5")):

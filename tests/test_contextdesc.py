@@ -159,7 +159,7 @@ def official_graphs(tmp_path_factory):
 
 def test_import_list_check(home, official_graphs, capsys, image):
     args = argparse.Namespace(name="mine", local=str(official_graphs["local"]), aug=str(official_graphs["aug"]),
-                              regional=None, trained_on="GL3D (test)", force=False)
+                              regional=None, trained_on="GL3D (test)", force=False, check=True)
     assert registry.cmd_import(args) == 0
     folder = home / "models" / "mine"
     assert (folder / "original" / "local.pb").is_file() and (folder / "original" / "aug.pb").is_file()

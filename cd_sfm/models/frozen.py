@@ -15,6 +15,14 @@ reported, not fatal). Biases (``BiasAdd`` or ``Add`` of a constant after a convo
 epsilons other than 1e-5 and affine batch-norm parameters directly after a convolution are folded exactly into our
 layers. Parity: ``parity_*`` run the frozen graph itself (``tf.compat.v1`` ``import_graph_def`` + ``Session``) and our
 model on the same inputs and return the largest absolute difference.
+
+A model file is a program, so a graph is never trusted: :class:`FrozenGraph` refuses, before anything else, a graph
+with a node whose op is not in :data:`ALLOWED_OPS` (the pure tensor ops of the official layouts: no file or network
+I/O, no Python calls, no state, no functions or control flow), or with a function library, naming the first such node
+and its op in one line. Weights are read from ``Const`` nodes only; a "constant" computed from constants (e.g. the
+``rsqrt(var + eps) * gamma`` of a decomposed batch norm, or ``tf.ones``) is evaluated in numpy by
+:func:`_const_eval` for a handful of arithmetic ops, never by running the graph, so importing runs nothing. Only
+the parity checks run a graph, and only one that passed the op check.
 """
 
 from __future__ import annotations
@@ -35,6 +43,49 @@ PARAM_OPS = {"Conv2D": "conv", "MatMul": "dense", "FusedBatchNorm": "bn", "Fused
              "FusedBatchNormV3": "bn"}
 SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank"}
 PASS_OPS = {"Identity", "Reshape", "Squeeze", "ExpandDims", "Snapshot"}
+
+# The ops a ContextDesc graph (local, augmentation, regional ResNet50; TF1 graphs of 2019 and graphs frozen from
+# TF2 / Keras) may hold: pure tensor arithmetic only. Anything else (ReadFile, WriteFile, PyFunc, EagerPyFunc,
+# Save / Restore, Dataset ops, Print, variables, queues, control flow, function calls, unknown ops) is refused.
+ALLOWED_OPS = frozenset({
+    # inputs, constants, plumbing
+    "Placeholder", "PlaceholderV2", "PlaceholderWithDefault", "Const", "Identity", "IdentityN", "Snapshot",
+    "StopGradient", "PreventGradient", "NoOp",
+    # layers
+    "Conv2D", "DepthwiseConv2dNative", "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "BiasAdd",
+    "BiasAddV1", "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "Relu", "Relu6", "LeakyRelu", "Elu",
+    "Selu", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "Softplus", "MaxPool", "AvgPool", "TopKV2",
+    # element-wise and reductions
+    "Add", "AddV2", "AddN", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "FloorDiv", "FloorMod", "Neg", "Abs", "Sign",
+    "Square", "SquaredDifference", "Sqrt", "Rsqrt", "Reciprocal", "Exp", "Log", "Log1p", "Pow", "Maximum",
+    "Minimum", "Floor", "Ceil", "Round", "ClipByValue", "Mean", "Sum", "Max", "Min", "Prod", "ArgMax", "ArgMin",
+    "Equal", "NotEqual", "Less", "LessEqual", "Greater", "GreaterEqual", "LogicalAnd", "LogicalOr", "LogicalNot",
+    "Select", "SelectV2", "Cast",
+    # shapes and indexing
+    "Reshape", "Squeeze", "ExpandDims", "Transpose", "ConcatV2", "Concat", "Pack", "Unpack", "Split", "SplitV",
+    "Slice", "StridedSlice", "Tile", "Pad", "PadV2", "MirrorPad", "Gather", "GatherV2", "GatherNd", "Fill",
+    "ZerosLike", "OnesLike", "Range", "LinSpace", "Shape", "ShapeN", "Size", "Rank", "BroadcastTo", "BroadcastArgs",
+    "OneHot", "ResizeBilinear", "ResizeNearestNeighbor",
+})
+MAX_CONST_ELEMENTS = 1 << 26  # 64 M values: the largest official weight (ResNet50 3x3x512x512) is 2.4 M
+
+
+def check_graph_ops(graph_def, label: str) -> None:
+    """Refuse a graph holding anything but :data:`ALLOWED_OPS` (one line naming the first offending node and op),
+    a function library, or a constant declaring more than :data:`MAX_CONST_ELEMENTS` values."""
+    if graph_def.library.function:
+        f = graph_def.library.function[0]
+        raise FrozenImportError(f"{label}: holds a function library (function {f.signature.name!r}); a ContextDesc "
+                                f"graph has none, refusing it")
+    for node in graph_def.node:
+        if node.op not in ALLOWED_OPS:
+            raise FrozenImportError(f"{label}: node {node.name!r} has op {node.op}, which a ContextDesc graph does "
+                                    f"not use; refusing to import or run it")
+        if node.op == "Const":
+            dims = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
+            count = int(np.prod(dims, dtype=np.float64)) if dims else 1
+            if any(d < 0 for d in dims) or count > MAX_CONST_ELEMENTS:
+                raise FrozenImportError(f"{label}: constant {node.name!r} declares shape {dims}; refusing it")
 
 
 @dataclass(frozen=True)
@@ -89,12 +140,14 @@ def load_graph_def(path: str | Path):
 
 
 class FrozenGraph:
-    """A frozen GraphDef with the lookups the importer needs, and a lazily created session to run it."""
+    """A frozen GraphDef with the lookups the importer needs, and a lazily created session to run it (parity checks
+    only). The graph's ops are checked against :data:`ALLOWED_OPS` first: a graph that fails is refused here."""
 
     def __init__(self, source, label: str | None = None):
         is_def = hasattr(source, "node")
         self.label = str(label) if label else ("<graph>" if is_def else str(source))
         self.graph_def = source if is_def else load_graph_def(source)
+        check_graph_ops(self.graph_def, self.label)
         self.nodes = {n.name: n for n in self.graph_def.node}
         self.consumers: dict[str, list[tuple[str, int]]] = defaultdict(list)  # node -> [(consumer, port used)]
         for n in self.graph_def.node:
@@ -138,16 +191,14 @@ class FrozenGraph:
         return result
 
     def value(self, tensor: str) -> np.ndarray:
-        """The value of a constant tensor (Const through Identity chains, else evaluated in a session)."""
+        """The value of a constant tensor: a ``Const`` node, or arithmetic on constants evaluated in numpy
+        (:func:`_const_eval`); the graph itself is never run for it."""
         name = _node_name(tensor)
-        node = self.nodes[name]
-        while node.op in ("Identity", "Snapshot") and node.input:
-            node = self.nodes[_node_name(node.input[0])]
-        if node.op == "Const":
-            return tf.make_ndarray(node.attr["value"].tensor)
         if not self.is_constant(name):
             raise FrozenImportError(f"{self.label}: {tensor} is not a constant")
-        return self.run({}, [tensor if ":" in tensor else tensor + ":0"])[0]
+        if _port(tensor) != 0:
+            raise FrozenImportError(f"{self.label}: {tensor} is not a constant this importer can read")
+        return _const_eval(self, name, {})
 
     # ---- execution
     def _session(self):
@@ -166,6 +217,59 @@ class FrozenGraph:
         if self._sess is not None:
             self._sess.close()
             self._sess = None
+
+
+def _np_fill(dims, value, node):
+    shape = tuple(int(d) for d in np.asarray(dims).reshape(-1))
+    if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_CONST_ELEMENTS:
+        raise FrozenImportError(f"{node.name}: a constant of shape {list(shape)}; refusing it")
+    return np.full(shape, value)
+
+
+def _np_cast(x, node):
+    return x.astype(tf.dtypes.as_dtype(node.attr["DstT"].type).as_numpy_dtype)
+
+
+# op -> numpy function of the input values (and the node, for attributes): the constant folding the importer needs
+_CONST_OPS = {
+    "Identity": lambda v, n: v[0], "Snapshot": lambda v, n: v[0], "StopGradient": lambda v, n: v[0],
+    "Add": lambda v, n: v[0] + v[1], "AddV2": lambda v, n: v[0] + v[1], "Sub": lambda v, n: v[0] - v[1],
+    "Mul": lambda v, n: v[0] * v[1], "RealDiv": lambda v, n: v[0] / v[1], "Neg": lambda v, n: -v[0],
+    "Rsqrt": lambda v, n: 1.0 / np.sqrt(v[0]), "Sqrt": lambda v, n: np.sqrt(v[0]), "Square": lambda v, n: v[0] ** 2,
+    "Reciprocal": lambda v, n: 1.0 / v[0], "Maximum": lambda v, n: np.maximum(v[0], v[1]),
+    "Minimum": lambda v, n: np.minimum(v[0], v[1]), "Cast": lambda v, n: _np_cast(v[0], n),
+    "Fill": lambda v, n: _np_fill(v[0], v[1], n),
+    "Reshape": lambda v, n: v[0].reshape(tuple(int(d) for d in v[1])),
+    "ExpandDims": lambda v, n: np.expand_dims(v[0], int(v[1])),
+}
+
+
+def _const_eval(fg: FrozenGraph, name: str, memo: dict) -> np.ndarray:
+    """Value of a constant node by numpy constant folding over :data:`_CONST_OPS` (control inputs are ignored: nothing
+    is run). Any other op is not read as a constant."""
+    if name in memo:
+        return memo[name]
+    node = fg.nodes[name]
+    if node.op == "Const":
+        out = tf.make_ndarray(node.attr["value"].tensor)
+    elif node.op in _CONST_OPS:
+        args = []
+        for t in fg.data_inputs(name):
+            if _port(t) != 0:
+                raise FrozenImportError(f"{fg.label}: {name} is not a constant this importer can read")
+            args.append(np.asarray(_const_eval(fg, _node_name(t), memo)))
+        try:
+            out = np.asarray(_CONST_OPS[node.op](args, node))
+        except FrozenImportError as e:
+            raise FrozenImportError(f"{fg.label}: {e}") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise FrozenImportError(f"{fg.label}: cannot fold constant {name!r} ({node.op}: {e})") from None
+        if out.size > MAX_CONST_ELEMENTS:
+            raise FrozenImportError(f"{fg.label}: constant {name!r} would hold {out.size} values; refusing it")
+    else:
+        raise FrozenImportError(f"{fg.label}: {name} ({node.op}) is not a constant this importer can read")
+    memo[name] = out
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

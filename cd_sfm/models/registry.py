@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import CdSfmError, hash_file
+from ..io import CdSfmError, hash_file, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -330,8 +330,9 @@ def download(name: str, with_regional: bool = True, progress: bool = True) -> Mo
             if comp not in found:
                 raise CdSfmError(f"{source}: no {comp} graph among {', '.join(p.name for p in pbs)}")
             graphs[comp] = found[comp]
+    # the authors' release: its graphs pass the op allow-list, so the parity check may run them
     return import_model(cname, graphs.get("local"), graphs.get("augment"), graphs.get("regional"), source="official",
-                        trained_on=off.trained_on, description=off.description, overwrite=True)
+                        trained_on=off.trained_on, description=off.description, overwrite=True, check_parity=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,9 +344,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 def import_model(name: str, local=None, augment=None, regional=None, source: str = "imported",
                  trained_on: str | None = None, description: str | None = None, overwrite: bool = False,
-                 tolerance: float = PARITY_TOLERANCE) -> ModelInfo:
-    """Convert frozen graphs into a model folder ``$CD_SFM_HOME/models/<name>``, keep the graphs in ``original/``,
-    run the parity check and record it in ``info.json``. Raises ``CdSfmError`` if parity exceeds ``tolerance``."""
+                 tolerance: float = PARITY_TOLERANCE, check_parity: bool = False) -> ModelInfo:
+    """Convert frozen graphs into a model folder ``$CD_SFM_HOME/models/<name>`` and keep the graphs in
+    ``original/``. Nothing of the graphs is run: their ops are checked against the allow-list of
+    :mod:`cd_sfm.models.frozen` and the weights read from their constants. ``check_parity``: then run the parity
+    check (:func:`check`, the graphs against the converted model) and record it in ``info.json``; raises
+    ``CdSfmError`` if it exceeds ``tolerance`` (the model folder is removed again)."""
     from . import frozen
     from .weights import save_weights_npz
 
@@ -371,10 +375,10 @@ def import_model(name: str, local=None, augment=None, regional=None, source: str
         models, graphs = {}, {}
         importers = {"local": frozen.import_local, "augment": frozen.import_augment,
                      "regional": frozen.import_regional}
-        for comp, pb in (("local", local), ("augment", augment), ("regional", regional)):
-            if pb is None:
-                continue
-            fg = frozen.FrozenGraph(pb, label=str(pb))
+        given = [(c, pb) for c, pb in (("local", local), ("augment", augment), ("regional", regional)) if pb]
+        loaded = {c: frozen.FrozenGraph(pb, label=str(pb)) for c, pb in given}  # all pass the op check first
+        for comp, pb in given:
+            fg = loaded[comp]
             model, report = importers[comp](fg)
             logger.info("%s", report.summary())
             save_weights_npz(model, tmp / WEIGHT_FILES[comp], dtype=None)
@@ -386,14 +390,15 @@ def import_model(name: str, local=None, augment=None, regional=None, source: str
                 info["augment_visual"] = bool(report.visual)
                 info["augment_interp"] = report.interp or "inverse_distance"
             models[comp], graphs[comp] = model, fg
-        parity = frozen.check_parity(graphs.get("local"), graphs.get("augment"), graphs.get("regional"),
-                                     models.get("local"), models.get("augment"), models.get("regional"))
+        if check_parity:
+            parity = frozen.check_parity(graphs.get("local"), graphs.get("augment"), graphs.get("regional"),
+                                         models.get("local"), models.get("augment"), models.get("regional"))
+            info["parity"] = {k: float(v) for k, v in parity.items()}
+            bad = _parity_failures(parity, tolerance)
+            if bad:
+                raise CdSfmError(f"models import {name}: parity check failed ({'; '.join(bad)})")
         for fg in graphs.values():
             fg.close()
-        info["parity"] = {k: float(v) for k, v in parity.items()}
-        bad = _parity_failures(parity, tolerance)
-        if bad:
-            raise CdSfmError(f"models import {name}: parity check failed ({'; '.join(bad)})")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         _normal_permissions(tmp)
         if folder.exists():
@@ -431,8 +436,6 @@ def _parity_failures(parity: dict, tolerance: float) -> list[str]:
 
 def load_keras_models(entry: ModelInfo, components=COMPONENTS, visual: bool | None = None) -> dict:
     """Build our Keras models and load the model's weight files: {component: keras.Model} for those present."""
-    import numpy as np
-
     from .augment import build_augment_model, has_visual_weights
     from .local import build_local_model
     from .regional import build_regional_model
@@ -450,8 +453,7 @@ def load_keras_models(entry: ModelInfo, components=COMPONENTS, visual: bool | No
             model = build_regional_model()
             load_weights_npz(model, path)
         else:
-            with np.load(path) as data:
-                has_vis = has_visual_weights(data.files)
+            has_vis = has_visual_weights(read_npz(path))
             use_vis = has_vis if visual is None else (visual and has_vis)
             model = build_augment_model(visual=use_vis, interp=entry.info.get("augment_interp", "inverse_distance"))
             load_weights_npz(model, path, allow_extra=not use_vis)
@@ -468,12 +470,18 @@ def check(name: str, n: int = 256, seed: int = 0) -> dict:
     if not any(originals.values()):
         raise CdSfmError(f"{entry.folder}: model {entry.name!r} keeps no frozen graphs (original/*.pb); only imported "
                          f"or downloaded models can be checked")
-    models = load_keras_models(entry, [c for c in COMPONENTS if originals[c]], visual=True)
-    for c in COMPONENTS:
-        if originals[c] and c not in models:
+    # every graph passes the op allow-list before any of them runs
+    graphs = {c: frozen.FrozenGraph(p, label=str(p)) for c, p in originals.items() if p}
+    models = load_keras_models(entry, list(graphs), visual=True)
+    for c in graphs:
+        if c not in models:
             raise CdSfmError(f"{entry.folder}: {WEIGHT_FILES[c]} missing for the kept {ORIGINAL_FILES[c]}")
-    return frozen.check_parity(originals["local"], originals["augment"], originals["regional"],
-                               models.get("local"), models.get("augment"), models.get("regional"), n=n, seed=seed)
+    try:
+        return frozen.check_parity(graphs.get("local"), graphs.get("augment"), graphs.get("regional"),
+                                   models.get("local"), models.get("augment"), models.get("regional"), n=n, seed=seed)
+    finally:
+        for fg in graphs.values():
+            fg.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -506,6 +514,8 @@ def add_models_subparser(subparsers):
     s.add_argument("--name", required=True, help="name to register the model under")
     s.add_argument("--trained-on", help="what the weights were trained on (shown by `models list`)")
     s.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    s.add_argument("--check", action="store_true",
+                   help="also run the parity check (runs the graphs, which must pass the op allow-list)")
     s.set_defaults(func=cmd_import)
     s = add("check", help="rerun the parity check of an imported model against its frozen graphs")
     s.add_argument("name")
@@ -553,10 +563,13 @@ def cmd_download(args) -> int:
 
 
 def cmd_import(args) -> int:
+    checked = bool(getattr(args, "check", False))
     entry = import_model(args.name, args.local, getattr(args, "aug", None), getattr(args, "regional", None),
-                         trained_on=getattr(args, "trained_on", None), overwrite=getattr(args, "force", False))
-    print(f"{entry.name}: imported {'+'.join(entry.components)} into {entry.folder}; "
-          f"parity {_fmt_parity(entry.info.get('parity', {}))}")
+                         trained_on=getattr(args, "trained_on", None), overwrite=getattr(args, "force", False),
+                         check_parity=checked)
+    parity = (f"parity {_fmt_parity(entry.info.get('parity', {}))}" if checked else
+              f"parity not checked (`cd-sfm models check {entry.name}` runs the graphs against it)")
+    print(f"{entry.name}: imported {'+'.join(entry.components)} into {entry.folder}; {parity}")
     return 0
 
 

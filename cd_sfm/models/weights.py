@@ -14,6 +14,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from ..io import CdSfmError, read_npz
+
 
 def _var_key(layer: keras.layers.Layer, var) -> str:
     return f"{layer.name}/{var.path.rsplit('/', 1)[-1]}"
@@ -49,9 +51,11 @@ def load_weights_npz(model: keras.Model, path: str | Path, strict: bool = True, 
 
     ``strict``: every model weight must be in the file and (unless ``allow_extra``, e.g. the visual branch of an
     augmentation file loaded into the geometric-only model) every file entry must belong to the model."""
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode()) if "__meta__" in arrays else {}
+    arrays = read_npz(path)
+    try:
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode()) if "__meta__" in arrays else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CdSfmError(f"{path}: unreadable metadata in the weights file ({e})") from None
     expected = set()
     for layer in model.layers:
         for var in layer.weights:
