@@ -44,8 +44,11 @@ LOG_FIELDS = ["step", "time_s", "kind", "loss", "acc", "mb_loss", "mb_acc", "sca
 class TrainConf:
     data: str = ""
     run_dir: str = ""
-    data_extra: str = ""  # a second mined file (e.g. SfM tracks, `cd-sfm train mine`): its training pairs are mixed in
-    extra_ratio: float = 0.0  # share of each batch drawn from data_extra; 0 = its natural share of all pairs
+    # more mined files (e.g. SfM tracks from `cd-sfm train mine`, warps of single photos): their training pairs are
+    # mixed in; one path or a list. Their validation pairs are validated too (logged as val_acc_x1, ...); the
+    # main file's validation selects the best step.
+    data_extra: str | list = ""
+    extra_ratio: float | list = 0.0  # share of each batch from each extra file; 0 = the natural share of all pairs
     # defaults = the default recipe: <= 60 min on the 2-core CPU (the time budget stops, checkpoints and exports)
     steps: int = 1800
     batch: int = 256  # matching pairs per step (2 * batch patches)
@@ -101,6 +104,20 @@ def _load_data(path: str, max_train_pairs: int = 0, val_pairs: int = 4096, seed:
     return train, val, attrs
 
 
+def extra_files(conf: TrainConf) -> list[str]:
+    e = conf.data_extra
+    return [x for x in ([e] if isinstance(e, str) else list(e or [])) if x]
+
+
+def extra_ratios(conf: TrainConf) -> list[float]:
+    r = conf.extra_ratio
+    r = [float(r)] if isinstance(r, (int, float)) else [float(x) for x in (r or [])]
+    n = len(extra_files(conf)) or 1
+    if len(r) == 1 and n > 1:
+        r = r * n
+    return (r + [0.0] * n)[:n]
+
+
 def lr_at(step, conf: TrainConf) -> float:
     return warmup_cosine(step, conf.lr, conf.lr_min, conf.warmup, conf.steps)
 
@@ -109,11 +126,17 @@ def sample_batch(train: dict, step: int, conf: TrainConf):
     """Batch of ``conf.batch`` pairs, seeded by (seed, step); anchors and positives randomly swapped per pair."""
     rng = np.random.default_rng([conf.seed, step])
     n = len(train["ids"])
-    n_main = train.get("n_main", n)
-    if n_main < n and conf.extra_ratio > 0:  # mixed data: a fixed share of every batch from the extra file
-        k = int(round(conf.extra_ratio * conf.batch))
-        idx = np.concatenate([rng.choice(n_main, conf.batch - k, replace=n_main < conf.batch - k),
-                              n_main + rng.choice(n - n_main, k, replace=n - n_main < k)])
+    bounds = list(train.get("bounds") or ([train["n_main"], n] if train.get("n_main", n) < n else [n]))
+    ratios = extra_ratios(conf)[: len(bounds) - 1]
+    if len(bounds) > 1 and any(r > 0 for r in ratios):  # mixed data: a fixed share of every batch from each file
+        ks = [int(round(r * conf.batch)) for r in ratios]
+        counts = [conf.batch - sum(ks)] + ks
+        starts = [0] + bounds[:-1]
+        parts = []
+        for lo, hi, k in zip(starts, bounds, counts):
+            if k > 0:
+                parts.append(lo + rng.choice(hi - lo, k, replace=hi - lo < k))
+        idx = np.concatenate(parts)
     else:
         idx = rng.choice(n, conf.batch, replace=n < conf.batch)
     p = train["patches"][idx]
@@ -307,12 +330,30 @@ def export_weights(model, name: str, meta: dict, export_dir: str | Path | None =
     return out / "local.npz"
 
 
-def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None, source: str) -> dict:
+def _data_attrs(conf: TrainConf) -> list[tuple[str, dict]]:
+    """(path, attributes) of the main and the extra mined files (attributes are small: names, conf)."""
+    out = []
+    for path in [conf.data] + extra_files(conf):
+        with h5py.File(path, "r") as f:
+            out.append((path, {k: f.attrs[k] for k in f.attrs}))
+    return out
+
+
+def _describe_data(path: str, attrs: dict, share) -> str:
+    kind = "SfM-track patch pairs" if attrs.get("source") == "sfm_tracks" else "random homographic warps"
+    return f"{kind} ({Path(path).name}" + (f", batch share {share:g})" if share is not None else ")")
+
+
+def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> dict:
     from ..split import SPLIT_FILE, load_split
 
     split = load_split(SPLIT_FILE) if SPLIT_FILE.exists() else None
-    image_names = json.loads(data_attrs.get("image_names", "[]"))
+    files = _data_attrs(conf)
+    image_names = sorted({n for _, a in files for n in json.loads(a.get("image_names", "[]"))})
+    val_images = sorted({n for _, a in files for n in json.loads(a.get("val_images", "[]"))})
     scenes = sorted({_scene_of(n) for n in image_names})
+    ratios = extra_ratios(conf)
+    shares = [None if not any(ratios) else 1 - sum(ratios)] + [r if any(ratios) else None for r in ratios]
     return {
         "model": "contextdesc_local",
         "name": conf.export or Path(conf.run_dir).name,
@@ -320,11 +361,11 @@ def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None
         "description": "our own ContextDesc local model (descriptor + matchability), trained on CPU from scratch; "
                        "no augmentation/regional weights",
         "upright": conf.upright,
-        "trained_on": "random homographic warps of the TRAIN scenes of configs/split.yaml"
-                      + (f" + {Path(conf.data_extra).name} (share {conf.extra_ratio or 'natural'})" if conf.data_extra else ""),
+        "trained_on": " + ".join(_describe_data(p, a, sh) for (p, a), sh in zip(files, shares))
+                      + " of the TRAIN scenes of cd_sfm/split.yaml",
         "train_scenes": scenes,
         "train_images": len(image_names),
-        "val_images": [_rel_data(n) for n in json.loads(data_attrs.get("val_images", "[]"))],
+        "val_images": [_rel_data(n) for n in val_images],
         "split": split,
         "loss": conf.loss + (" (scale-aware)" if conf.loss == "npair" and conf.scale_aware else ""),
         "steps": step,
@@ -334,6 +375,8 @@ def _meta(conf: TrainConf, step: int, data_attrs: dict, val_metrics: dict | None
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "recipe": f"cd-sfm train local {conf.data} {conf.run_dir} --steps {conf.steps} --batch {conf.batch} "
                   f"--loss {conf.loss} --seed {conf.seed} --time-budget {conf.time_budget_min:g}"
+                  + "".join(f" --data-extra {x}" for x in extra_files(conf))
+                  + "".join(f" --extra-ratio {r:g}" for r in extra_ratios(conf) if any(extra_ratios(conf)))
                   + (f" --export {conf.export}" if conf.export else ""),
         "train_conf": asdict(conf),
     }
@@ -365,21 +408,30 @@ def train_local(conf: TrainConf) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "conf.json").write_text(json.dumps(asdict(conf), indent=2) + "\n")
     t_start = time.time()
-    train, val, attrs = _load_data(conf.data, conf.max_train_pairs, conf.val_pairs, conf.seed)
-    if conf.data_extra:  # validation stays the main file's; ids shifted so the two files' ids never collide
-        extra, _, _ = _load_data(conf.data_extra, 0, 0, conf.seed)
+    train, val, _ = _load_data(conf.data, conf.max_train_pairs, conf.val_pairs, conf.seed)
+    extra_vals = []
+    if extra_files(conf):  # the best step is chosen on the main file's validation; ids shifted never to collide
+        parts, bounds = [train], [len(train["ids"])]
         shift = int(train["ids"].max()) + 1 if len(train["ids"]) else 0
-        train = {"patches": np.concatenate([train["patches"], extra["patches"]]),
-                 "scales": np.concatenate([train["scales"], extra["scales"]]),
-                 "ids": np.concatenate([train["ids"], extra["ids"] + shift]), "n_main": len(train["ids"])}
-        logger.info("extra data %s: %d training pairs (batch share %s)", conf.data_extra, len(extra["ids"]),
-                    f"{conf.extra_ratio:g}" if conf.extra_ratio > 0 else "natural")
-        del extra
+        for path, ratio in zip(extra_files(conf), extra_ratios(conf)):
+            extra, xval, _ = _load_data(path, 0, conf.val_pairs, conf.seed)
+            extra["ids"] = extra["ids"] + shift
+            xval["ids"] = xval["ids"] + shift
+            shift = int(extra["ids"].max()) + 1 if len(extra["ids"]) else shift
+            parts.append(extra)
+            extra_vals.append(xval)
+            bounds.append(bounds[-1] + len(extra["ids"]))
+            logger.info("extra data %s: %d training pairs, %d validation pairs (batch share %s)", path,
+                        len(extra["ids"]), len(xval["ids"]), f"{ratio:g}" if ratio > 0 else "natural")
+        train = {k: np.concatenate([p[k] for p in parts]) for k in ("patches", "scales", "ids")}
+        train["bounds"], train["n_main"] = bounds, bounds[0]
+        del parts
+    fields = LOG_FIELDS + [f"val_acc_x{i + 1}" for i in range(len(extra_vals))]
     logger.info("data: %d training pairs, %d validation pairs", len(train["ids"]), len(val["ids"]))
     trainer = LocalTrainer(conf)
     step0 = trainer.open_run(run_dir)
     log_path = run_dir / "log.csv"
-    write_log(log_path, read_log(log_path, upto=step0), LOG_FIELDS)  # drop rows written after the last checkpoint
+    write_log(log_path, read_log(log_path, upto=step0), fields)  # drop rows written after the last checkpoint
     best_path = run_dir / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {"val_acc": -1.0, "step": -1}
     acc_buf: list[list[float]] = []
@@ -411,11 +463,14 @@ def train_local(conf: TrainConf) -> dict:
                 append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "train",
                                        "loss": f"{m[0]:.5f}", "acc": f"{m[1]:.4f}", "mb_loss": f"{m[2]:.5f}",
                                        "mb_acc": f"{m[3]:.4f}", "scale": f"{math.exp(float(trainer.log_scale.numpy())):.3f}",
-                                       "lr": f"{lr:.2e}"}, LOG_FIELDS)
+                                       "lr": f"{lr:.2e}"}, fields)
             if step % conf.val_every == 0 or step == conf.steps:
                 last_val = trainer.validate(val)
+                for i, xval in enumerate(extra_vals):
+                    if len(xval["ids"]):
+                        last_val[f"val_acc_x{i + 1}"] = trainer.validate(xval)["val_acc"]
                 append_log(log_path, {"step": step, "time_s": f"{time.time() - t_run:.1f}", "kind": "val",
-                                       **{k: f"{v:.4f}" for k, v in last_val.items()}}, LOG_FIELDS)
+                                       **{k: f"{v:.4f}" for k, v in last_val.items()}}, fields)
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
                 if last_val["val_acc"] > best["val_acc"]:
                     from ..models.weights import save_weights_npz
@@ -439,7 +494,7 @@ def train_local(conf: TrainConf) -> dict:
         plot_curves(log_path, run_dir / "curves.png")
     from ..models.weights import save_weights_npz
 
-    meta = _meta(conf, step, attrs, last_val, "final")
+    meta = _meta(conf, step, last_val, "final")
     save_weights_npz(trainer.model, run_dir / "final.npz", meta=meta)
     result = {"step": step, "steps_per_s": rate, "val": last_val, "best": best, "run_dir": str(run_dir),
               "stopped_by_budget": stopped_by_budget}
@@ -479,10 +534,8 @@ def export_run(run_dir: str | Path, name: str, which: str = "final", export_dir=
             raise CdSfmError(f"{src}: not found")
         stored = load_weights_npz(model, src)
         step = int(stored.get("step", stored.get("steps", -1)))
-    with h5py.File(conf.data, "r") as f:
-        attrs = {k: f.attrs[k] for k in f.attrs}
     val = stored.get("validation") or {k: stored[k] for k in ("val_fpr95", "val_acc", "val_mb_auc") if k in stored}
-    meta = _meta(conf, step, attrs, val, which)
+    meta = _meta(conf, step, val, which)
     return export_weights(model, name, meta, export_dir, extra_files=[run_dir / "log.csv", run_dir / "curves.png"])
 
 
@@ -507,10 +560,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--jit", action="store_true", help="XLA-compile the train step")
     p.add_argument("--max-train-pairs", type=int, default=0)
-    p.add_argument("--data-extra", default="", help="a second mined .h5 (e.g. SfM tracks from 'cd-sfm train mine') "
-                                                    "whose training pairs are mixed in (validation: the main file's)")
-    p.add_argument("--extra-ratio", type=float, default=0.0,
-                   help="share of each batch from --data-extra (0: its natural share of all pairs)")
+    p.add_argument("--data-extra", action="append", default=[],
+                   help="another mined .h5 (e.g. SfM tracks from 'cd-sfm train mine') whose training pairs are mixed "
+                        "in; repeatable (its validation pairs are logged as val_acc_x1, ...; the best step is chosen "
+                        "on the main file's)")
+    p.add_argument("--extra-ratio", type=float, action="append", default=[],
+                   help="share of each batch from each --data-extra, in the same order (0 or none: the natural "
+                        "share of all pairs)")
     p.add_argument("--upright", action="store_true", help="record the model as upright (mine with --upright too)")
     p.add_argument("--export", default="", help="model name: write cd_sfm/weights/<name>/ when the run completes")
     p.add_argument("--export-dir", default="")
