@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as config_mod
-from .io import CdSfmError
+from .io import CdSfmError, output_lock
 from .models.runner import PRECISIONS
 
 logger = logging.getLogger("cd_sfm")
@@ -216,6 +216,7 @@ def cmd_reconstruct(args) -> int:
 
 
 def _stage_prepare(args, out_dir: Path, check_pairs: bool = False) -> dict:
+    """The stage's configuration, checked and saved in ``OUT/config.yaml``; call it holding ``output_lock(OUT)``."""
     from .pipeline import check_not_stale, check_writable, prepare_conf
 
     check_writable(out_dir)
@@ -228,13 +229,14 @@ def _stage_prepare(args, out_dir: Path, check_pairs: bool = False) -> dict:
 def cmd_extract(args) -> int:
     from .pipeline import run_extract
 
-    conf = _stage_prepare(args, Path(args.out))
-    st = run_extract(args.images, args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
-    print(f"Features of {len(st['used'])} / {len(st['found'])} images in {Path(args.out) / 'features.h5'} "
-          f"({st['extracted']} extracted, {st['reused']} reused, {len(st['skipped'])} skipped)")
-    for name, reason in list(st["skipped"].items())[:10]:
-        print(f"Skipped {name}: {reason}")
-    return 0
+    with output_lock(args.out):
+        conf = _stage_prepare(args, Path(args.out))
+        st = run_extract(args.images, args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+        print(f"Features of {len(st['used'])} / {len(st['found'])} images in {Path(args.out) / 'features.h5'} "
+              f"({st['extracted']} extracted, {st['reused']} reused, {len(st['skipped'])} skipped)")
+        for name, reason in list(st["skipped"].items())[:10]:
+            print(f"Skipped {name}: {reason}")
+        return 0
 
 
 def _usable_names(image_dir: Path, out_dir: Path) -> list[str]:
@@ -250,33 +252,36 @@ def _usable_names(image_dir: Path, out_dir: Path) -> list[str]:
 def cmd_pairs(args) -> int:
     from .pipeline import check_image_dir, run_pairs
 
-    out_dir = Path(args.out)
-    conf = _stage_prepare(args, out_dir, check_pairs=True)
-    image_dir = check_image_dir(args.images)
-    names = _usable_names(image_dir, out_dir)
-    pairs = run_pairs(names, out_dir, conf, image_dir=image_dir)
-    print(f"{len(pairs)} pairs of {len(names)} images in {out_dir / 'pairs.txt'}")
-    return 0
+    with output_lock(args.out):
+        out_dir = Path(args.out)
+        conf = _stage_prepare(args, out_dir, check_pairs=True)
+        image_dir = check_image_dir(args.images)
+        names = _usable_names(image_dir, out_dir)
+        pairs = run_pairs(names, out_dir, conf, image_dir=image_dir)
+        print(f"{len(pairs)} pairs of {len(names)} images in {out_dir / 'pairs.txt'}")
+        return 0
 
 
 def cmd_match(args) -> int:
     from .pipeline import run_match
 
-    conf = _stage_prepare(args, Path(args.out))
-    st = run_match(args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
-    print(f"Matches in {Path(args.out) / 'matches.h5'}: {st['matched']} pairs matched "
-          f"({st['num_matches_mean']:.0f} matches on average), {st['reused']} reused, {len(st['skipped'])} skipped")
-    return 0
+    with output_lock(args.out):
+        conf = _stage_prepare(args, Path(args.out))
+        st = run_match(args.out, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+        print(f"Matches in {Path(args.out) / 'matches.h5'}: {st['matched']} pairs matched "
+              f"({st['num_matches_mean']:.0f} matches on average), {st['reused']} reused, {len(st['skipped'])} skipped")
+        return 0
 
 
 def cmd_sfm(args) -> int:
     from .pipeline import format_summary, sfm_stage
 
-    out_dir = Path(args.out)
-    conf = _stage_prepare(args, out_dir)
-    summary = sfm_stage(args.images, out_dir, conf)
-    print(format_summary(summary))
-    return 0
+    with output_lock(args.out):
+        out_dir = Path(args.out)
+        conf = _stage_prepare(args, out_dir)
+        summary = sfm_stage(args.images, out_dir, conf)
+        print(format_summary(summary))
+        return 0
 
 
 def cmd_demo(args) -> int:
@@ -374,6 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Slurm), handled as Ctrl-C: finished work is on disk, nothing half
+    written, no native stack dump."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Stop on SIGTERM as on SIGINT. pycolmap's glog installs a failure handler for SIGTERM when it is imported (it
+    prints a C stack dump and kills the process), so this must run after pycolmap is imported (``setup_logging``
+    imports it), and again after anything else that installs one."""
+    import signal
+
+    try:
+        importlib.import_module("pycolmap")  # its import installs glog's handler, which ours replaces
+    except ImportError:
+        pass
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -381,14 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", 0))
+    handle_sigterm()
     try:
         return int(args.func(args) or 0)
     except CdSfmError as e:
         print(f"cd-sfm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cd-sfm: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"cd-sfm: {what}; finished work is kept: rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -72,20 +72,42 @@ def init(conf: RayConf | dict | str | None = None):
     ray = require_ray()
     if ray.is_initialized():
         return ray
+    import signal
+    import threading
+
+    on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _init(ray, conf)
+    finally:  # ray.init installs its own SIGTERM handler; keep the caller's (the CLI stops cleanly on SIGTERM)
+        if callable(on_term) and signal.getsignal(signal.SIGTERM) is not on_term:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _runtime_env(conf: RayConf) -> dict:
+    """The workers' environment: the caller's ``runtime_env`` plus TensorFlow's log level (its start-up lines stay
+    silent in every worker unless ``-v``)."""
+    env = dict(conf.runtime_env or {})
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        env["env_vars"] = {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"], **(env.get("env_vars") or {})}
+    return env
+
+
+def _init(ray, conf: RayConf):
+    # a local cluster's workers inherit this process's environment (TensorFlow's log level included)
     local = dict(num_cpus=conf.num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     address = (conf.address or "local").strip()
     if address == "local":
         ray.init(**local)
     elif address == "auto":
         try:
-            ray.init(address="auto", logging_level=logging.WARNING)
+            ray.init(address="auto", logging_level=logging.WARNING, runtime_env=_runtime_env(conf))
             logger.info("Connected to the running Ray cluster")
         except (ConnectionError, RuntimeError, ValueError):
             logger.info("No running Ray cluster found; starting a local one")
             ray.init(**local)
     else:
         try:
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env=conf.runtime_env)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=_runtime_env(conf))
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise CdSfmError(f"--ray {address}: cannot connect to a Ray cluster ({e})") from e
     return ray

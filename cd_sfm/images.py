@@ -247,6 +247,47 @@ def read_image(path: str | Path, grayscale: bool = False, max_size: int | None =
     return arr, scale
 
 
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF Orientation of an image file (1..8; 1 when absent, unreadable or invalid)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                o = img.getexif().get(_TAG_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - no EXIF to honour
+        return 1
+    return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+
+def upright_to_stored(xy: np.ndarray, angles: np.ndarray | None, orientation: int,
+                      stored_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Map keypoints (OpenCV pixel convention) and orientations (radians) found in the upright image that
+    :func:`read_image` returns (EXIF ``orientation`` applied) back to the stored pixels of the file, which is what
+    COLMAP reads (it ignores EXIF orientation). ``stored_size`` is the file's (width, height) before rotation."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    if orientation == 1:
+        return xy.astype(np.float32), angles
+    ws, hs = stored_size
+    x, y = xy[:, 0], xy[:, 1]
+    # (u, v) = stored pixel of upright pixel (x, y); J = d(u, v) / d(x, y)
+    maps = {
+        2: (ws - 1 - x, y, ((-1, 0), (0, 1))),
+        3: (ws - 1 - x, hs - 1 - y, ((-1, 0), (0, -1))),
+        4: (x, hs - 1 - y, ((1, 0), (0, -1))),
+        5: (y, x, ((0, 1), (1, 0))),
+        6: (y, hs - 1 - x, ((0, 1), (-1, 0))),
+        7: (ws - 1 - y, hs - 1 - x, ((0, -1), (-1, 0))),
+        8: (ws - 1 - y, x, ((0, -1), (1, 0))),
+    }
+    u, v, J = maps[orientation]
+    out = np.stack([u, v], -1).astype(np.float32)
+    if angles is None:
+        return out, None
+    a = np.asarray(angles, np.float64)
+    d = np.stack([np.cos(a), np.sin(a)], -1) @ np.asarray(J, np.float64).T
+    return out, np.arctan2(d[:, 1], d[:, 0]).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # header information
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 from . import config as config_mod
-from .io import CdSfmError, atomic_write_text, list_h5_names
+from .io import CdSfmError, atomic_write_text, check_feature_entry, check_pair_names, list_h5_names, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +224,19 @@ def ray_session(conf: dict):
 # stages
 
 
+def locked(fn):
+    """Run a stage function holding the lock of its ``out_dir`` (:func:`cd_sfm.io.output_lock`; re-entrant, so the
+    pipeline holding it calls its stages freely)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with output_lock(sig.bind(*args, **kwargs).arguments["out_dir"]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def feature_conf_base(conf: dict) -> dict:
     from .features import extract
 
@@ -243,6 +258,7 @@ def feature_conf(conf: dict) -> dict:
         if conf.get("augment") is not None and not conf["augment"]:
             options["augment"] = False
         fconf["options"] = options
+        fconf["model_digest"] = conf.get("model_digest")  # stamped in features.h5 with the other settings
     return fconf
 
 
@@ -262,10 +278,11 @@ def keypoint_counts(features_path: Path, names: list[str] | None = None) -> dict
     with h5py.File(features_path, "r", libver="latest") as f:
         for n in names if names is not None else list_h5_names(features_path):
             if n in f and "keypoints" in f[n]:
-                out[n] = int(f[n]["keypoints"].shape[0])
+                out[n] = check_feature_entry(f[n], n, features_path)
     return out
 
 
+@locked
 def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrite: bool = False,
                 progress: bool = True) -> dict:
     """Features of every readable image of ``image_dir`` into ``out_dir/features.h5``.
@@ -278,6 +295,7 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
     image_dir, out_dir = check_image_dir(image_dir), Path(out_dir)
     skipped: dict[str, str] = {}
     found = list_images(image_dir, skipped=skipped)
+    check_pair_names(found, image_dir)
     with ray_session(conf) as rconf:
         if rconf is None:
             stats = extract.main(feature_conf(conf), image_dir, out_dir / FEATURES, image_list=found,
@@ -296,6 +314,7 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
     return stats
 
 
+@locked
 def run_pairs(names: list[str], out_dir: str | Path, conf: dict,
               image_dir: str | Path | None = None) -> list[tuple[str, str]]:
     """The image pairs to match, written to ``out_dir/pairs.txt``: the union of the pair sources of ``conf["pairs"]``
@@ -350,6 +369,7 @@ def _pairs_of(src: str, names: list[str], out_dir: Path, conf: dict, image_dir) 
     return from_file.main(path, names, None, on_unknown="skip")
 
 
+@locked
 def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress: bool = True) -> dict:
     from . import matching
 
@@ -366,6 +386,7 @@ def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress
                                  overwrite=overwrite, ray_conf=rconf, progress=progress)
 
 
+@locked
 def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[str] | None = None) -> dict:
     """Database (with two-view geometries) and mapping; returns the database and mapping stats and timings."""
     from .colmap import database, mapping, quiet_colmap
@@ -410,6 +431,11 @@ def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | N
     conf = prepare_conf(conf)
     image_dir = check_image_dir(image_dir)
     out_dir = check_writable(out_dir)
+    with output_lock(out_dir):
+        return _reconstruct(image_dir, out_dir, conf, overwrite, progress, t_start)
+
+
+def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, progress: bool, t_start: float) -> dict:
     check_not_stale(out_dir, conf, overwrite)
     config_mod.save_config(conf, out_dir / "config.yaml")
     seconds: dict[str, float] = {}
@@ -479,6 +505,7 @@ def write_summary(out_dir: Path, summary: dict) -> None:
     atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+@locked
 def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict) -> dict:
     """The ``sfm`` subcommand: database, verification and mapping from the files already in ``out_dir``, with a
     summary (without the extraction / matching counts, which belong to their stages)."""

@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from ..io import CdSfmError, find_pair, list_h5_names, parse_pairs
+from ..io import CdSfmError, check_feature_entry, check_matches_entry, find_pair, list_h5_names, parse_pairs, \
+    writing
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,21 @@ def main(
     ``image_names`` limits the images (default: all in ``features_path``); ``pairs_path`` + ``matches_path`` add the
     raw matches; ``verification`` (a ``verify`` conf, or ``{}`` for its defaults) also fills the two-view geometries.
     """
+    with writing(database_path):  # a full disk is one line naming the database
+        return _main(conf, database_path, features_path, image_dir, pairs_path, matches_path, image_names,
+                     verification)
+
+
+def _main(
+    conf: dict | None,
+    database_path: str | Path,
+    features_path: str | Path,
+    image_dir: str | Path | None = None,
+    pairs_path: str | Path | None = None,
+    matches_path: str | Path | None = None,
+    image_names: Sequence[str] | None = None,
+    verification: dict | None = None,
+) -> dict:
     import pycolmap
 
     conf = _merge_conf(conf)
@@ -230,10 +246,13 @@ def main(
              "missing_pairs": 0}
     try:
         with h5py.File(features_path, "r", libver="latest") as ff:
-            sizes = {}
+            sizes, counts = {}, {}
             for n in names:
+                counts[n] = check_feature_entry(ff[n], n, features_path)
                 wh = np.asarray(ff[n]["image_size"]).reshape(-1)
                 sizes[n] = (int(wh[0]), int(wh[1]))
+                if min(sizes[n]) < 1:
+                    raise CdSfmError(f"{features_path}: features of {n}: image_size {list(sizes[n])} is not a size")
             metas = {n: _image_meta(image_dir, n, sizes[n]) for n in names}
             specs, assign = group_cameras(names, sizes, metas, conf)
             name_to_id: dict[str, int] = {}
@@ -273,7 +292,7 @@ def main(
                                                                                    du8))
                     name_to_id[n] = image_id
                 if pairs_path is not None and matches_path is not None:
-                    _write_matches(db, pairs_path, matches_path, name_to_id, stats)
+                    _write_matches(db, pairs_path, matches_path, name_to_id, counts, stats)
             finally:
                 db.close()
         if verification is not None and stats["num_pairs"]:
@@ -290,7 +309,9 @@ def main(
     return stats
 
 
-def _write_matches(db, pairs_path, matches_path, name_to_id: dict[str, int], stats: dict) -> None:
+def _write_matches(db, pairs_path, matches_path, name_to_id: dict[str, int], counts: dict[str, int],
+                   stats: dict) -> None:
+    """Raw matches of every listed pair, each checked against the keypoint counts of its two images first."""
     matches_path = Path(matches_path)
     if not matches_path.exists():
         raise CdSfmError(f"{matches_path}: match file not found")
@@ -309,6 +330,8 @@ def _write_matches(db, pairs_path, matches_path, name_to_id: dict[str, int], sta
             except KeyError:
                 stats["missing_pairs"] += 1
                 continue
+            first, second = (b, a) if rev else (a, b)
+            check_matches_entry(fm[key], key, matches_path, counts[first], counts[second])
             m0 = fm[key]["matches0"][()]
             idx = np.flatnonzero(m0 > -1)
             m = np.column_stack([idx, m0[idx]]).astype(np.uint32)

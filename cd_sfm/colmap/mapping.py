@@ -18,12 +18,13 @@ The models are first written to a temporary folder, then moved into place, so ``
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from ..io import CdSfmError
+from ..io import CdSfmError, writing
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         raise CdSfmError(f"{database_path}: database not found")
     pipeline_options(conf)  # option errors before any work
     sparse = output_dir / "sparse"
-    tmp = output_dir / ".sparse.tmp"
+    tmp = output_dir / f".sparse.tmp.{os.getpid()}"  # per process (the output lock keeps runs apart anyway)
     t0 = time.perf_counter()
     seed = conf.get("seed")
     seed = int(seed) if seed is not None else -1
@@ -167,27 +168,28 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         if attempt < retries:
             logger.info("Mapping attempt %d registered %d of %d images; trying seed %s", attempt + 1, best_now,
                         num_images, s + 1 if s >= 0 else "random")
-    # write the models in rank order: sparse/0 is the largest
-    staged = output_dir / ".sparse.new"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    for i, rec in enumerate(ranked):
-        (staged / str(i)).mkdir()
-        rec.write_binary(str(staged / str(i)))
-    old = output_dir / ".sparse.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if sparse.exists():
-        sparse.rename(old)
-    staged.rename(sparse)
-    shutil.rmtree(old, ignore_errors=True)
-    best = ranked[0] if ranked else None
-    ply = output_dir / "points.ply"
-    if best is not None:
-        ply_tmp = output_dir / ".points.ply.tmp"
-        best.export_PLY(str(ply_tmp))
-        ply_tmp.replace(ply)
-    else:
-        ply.unlink(missing_ok=True)
+    with writing(sparse):  # a full disk is one line naming the model folder
+        # write the models in rank order: sparse/0 is the largest
+        staged = output_dir / f".sparse.new.{os.getpid()}"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for i, rec in enumerate(ranked):
+            (staged / str(i)).mkdir()
+            rec.write_binary(str(staged / str(i)))
+        old = output_dir / f".sparse.old.{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        if sparse.exists():
+            sparse.rename(old)
+        staged.rename(sparse)
+        shutil.rmtree(old, ignore_errors=True)
+        best = ranked[0] if ranked else None
+        ply = output_dir / "points.ply"
+        if best is not None:
+            ply_tmp = output_dir / f".points.ply.{os.getpid()}.tmp"
+            best.export_PLY(str(ply_tmp))
+            ply_tmp.replace(ply)
+        else:
+            ply.unlink(missing_ok=True)
     stats = model_stats(best)
     stats.update(num_models=len(ranked), mapper=conf["mapper"], attempts=attempts, seconds=time.perf_counter() - t0)
     stats["registered"] = sorted(best.images[i].name for i in best.reg_image_ids()) if best is not None else []

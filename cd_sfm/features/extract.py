@@ -24,8 +24,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..images import list_images, read_image, resize_max
-from ..io import CdSfmError, H5Appender, completed_names, features_to_h5, merge_parts
+from ..images import exif_orientation, list_images, read_image, resize_max, upright_to_stored
+from ..io import ATTRS_KEY, CdSfmError, H5Appender, check_file_settings, completed_names, entry_attrs, \
+    features_to_h5, merge_parts
 from . import get_backend
 
 logger = logging.getLogger(__name__)
@@ -158,14 +159,58 @@ def _read_original(path: Path, grayscale: bool, max_size: int | None):
     return image, original
 
 
+def source_stamp(path: Path) -> dict:
+    """What identifies the version of an image file: its size and modification time (an image replaced in place
+    changes them and is extracted again)."""
+    st = path.stat()
+    return {"source_size": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns)}
+
+
 def extract_image(backend, conf: dict, path: Path) -> dict[str, np.ndarray]:
     """One image through a backend: read (EXIF upright), resize to ``max_image_size``, extract, keypoints back to the
-    original frame, the stored layout (``features_to_h5``). Raises ``CdSfmError`` for an unreadable image."""
+    original frame and then to the file's stored pixels (what COLMAP reads: it ignores EXIF orientation), the stored
+    layout (``features_to_h5``) with the file's :func:`source_stamp` as group attributes. Raises ``CdSfmError`` for
+    an unreadable image."""
     grayscale = bool(getattr(backend, "grayscale", False))
     image, original_size = _read_original(path, grayscale, conf.get("max_image_size"))
+    stamp = source_stamp(path)
     feats = backend.extract(image)
     feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
-    return features_to_h5(feats, conf.get("descriptor_dtype") or "float32")
+    orientation = exif_orientation(path)
+    if orientation != 1:  # features were found upright; COLMAP and its GUI see the stored pixels
+        w, h = original_size
+        stored = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        feats["keypoints"], ori = upright_to_stored(feats["keypoints"], feats.get("orientations"), orientation, stored)
+        if ori is not None:
+            feats["orientations"] = ori
+        feats["image_size"] = np.array(stored, np.int32)
+    out = features_to_h5(feats, conf.get("descriptor_dtype") or "float32")
+    out[ATTRS_KEY] = {**stamp, "exif_orientation": orientation}
+    return out
+
+
+def feature_settings(conf: dict) -> dict:
+    """What makes two feature files comparable (stamped in ``features.h5``, checked on resume): the backend, its
+    options, the image size, the stored dtype and the model's weight digest."""
+    return {k: conf.get(k) for k in ("backend", "options", "max_image_size", "descriptor_dtype", "model_digest")}
+
+
+def _changed_sources(image_dir: Path, feature_path: Path, names: list[str]) -> list[str]:
+    """Names whose image file no longer has the size and modification time recorded with its features (entries
+    written before these were recorded count as unchanged)."""
+    if not names:
+        return []
+    changed = []
+    for n, attrs in entry_attrs(feature_path, names).items():
+        if "source_size" not in attrs:
+            continue
+        try:
+            now = source_stamp(image_dir / n)
+        except OSError:
+            continue  # gone: the caller's image list decides
+        if (int(attrs["source_size"]), int(attrs["source_mtime_ns"])) != (now["source_size"], now["source_mtime_ns"]):
+            changed.append(n)
+    return sorted(changed)
 
 
 def main(
@@ -200,7 +245,15 @@ def main(
                 raise CdSfmError(f"{p}: image list not found")
             image_list = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         names = list(dict.fromkeys(Path(n).as_posix() for n in image_list))
+    settings = feature_settings(conf)
+    if not overwrite:
+        check_file_settings(feature_path, settings, "features")
     done = set() if overwrite else completed_names(feature_path)
+    changed = _changed_sources(image_dir, feature_path, [n for n in names if n in done])
+    if changed:
+        logger.info("%d image(s) changed since their features were extracted (e.g. %s): extracting them again",
+                    len(changed), changed[0])
+        done -= set(changed)
     todo = [n for n in names if n not in done]
     reused = len(names) - len(todo)
     if reused:
@@ -223,7 +276,8 @@ def main(
         def work(name):
             return extract_image(backend, conf, image_dir / name)
 
-        with H5Appender(feature_path, flush_every=16) as out, \
+        # a part file every image or two seconds: a killed run loses at most that much work
+        with H5Appender(feature_path, flush_every=16, flush_seconds=2.0, settings=settings) as out, \
                 (concurrent(workers) if workers > 1 else contextlib.nullcontext()):
             with tqdm(_prefetch(todo, work, depth=2 * workers, workers=workers), total=len(todo), desc="extract",
                       unit="img", disable=not progress) as bar:

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -93,27 +94,33 @@ def convert(model, calibration: np.ndarray, batch: int = 64) -> bytes:
         return conv.convert()
 
 
+_STDERR_SWAP = threading.Lock()  # fd 2 is process-wide: one swap at a time, or a second one saves the first's file
+
+
 @contextlib.contextmanager
 def _native_stderr_to_log():
     """Send what native code writes to stderr inside the block to the log instead: TFLite prints "INFO: Created
-    TensorFlow Lite XNNPACK delegate for CPU." there, past Python's logging (kept at debug; anything else a warning)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
+    TensorFlow Lite XNNPACK delegate for CPU." there, past Python's logging (kept at debug; anything else a warning).
+    Blocks of several threads run one after the other (the block only builds an interpreter), so the real stderr is
+    always the one saved and restored."""
+    with _STDERR_SWAP:
         try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (AttributeError, OSError, ValueError):
             yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read().decode(errors="replace").splitlines():
-                if line.strip():
-                    (logger.debug if "XNNPACK delegate" in line else logger.warning)("%s", line)
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                for line in tmp.read().decode(errors="replace").splitlines():
+                    if line.strip():
+                        (logger.debug if "XNNPACK delegate" in line else logger.warning)("%s", line)
 
 
 def _interpreter_class():
