@@ -277,7 +277,7 @@ def keypoint_counts(features_path: Path, names: list[str] | None = None) -> dict
     out = {}
     with h5py.File(features_path, "r", libver="latest") as f:
         for n in names if names is not None else list_h5_names(features_path):
-            if n in f and "keypoints" in f[n]:
+            if n in f:  # an entry without keypoints is damaged: one line, not a silently skipped image
                 out[n] = check_feature_entry(f[n], n, features_path)
     return out
 
