@@ -56,3 +56,30 @@ def test_train_resume_and_export(mined, tmp_path):
 def test_triplet_step_runs(mined, tmp_path):
     r = tl.train_local(_conf(mined, tmp_path / "trip", 1, loss="triplet"))
     assert r["step"] == 1 and np.isfinite(r["val"]["val_fpr95"])
+
+
+def test_compact_student_distils_exports_and_runs(mined, tmp_path):
+    """A compact student distilled from the shipped model: trains, exports with its layout recorded, and loads into
+    the inference backend (folded twin) and the int8 quantiser like any model."""
+    from cd_sfm.features.contextdesc import ContextDescBackend
+    from cd_sfm.models import local, registry
+    from cd_sfm.models.quantize import quantize_folder
+
+    teacher = registry.resolve(registry.DEFAULT_MODEL).path("local")
+    out = tmp_path / "weights"
+    r = tl.train_local(_conf(mined, tmp_path / "stud", 2, arch="compact", teacher=str(teacher),
+                             export="student", export_dir=str(out)))
+    assert r["step"] == 2 and np.isfinite(r["val"]["val_acc"])
+    info = json.loads((out / "student" / "info.json").read_text())
+    assert info["local_arch"] == "compact" and info["teacher"] == str(teacher)
+    assert info["multiply_adds_per_patch"] < local.multiply_adds() / 3.5
+    model = local.load_local_model(out / "student" / "local.npz")
+    assert local.widths_of_model(model) == local.ARCHS["compact"]
+    rng = np.random.default_rng(1)
+    img = cv2.GaussianBlur(rng.uniform(0, 255, (240, 320)).astype(np.float32), (0, 0), 2.0).astype(np.uint8)
+    b = ContextDescBackend(model=str(out / "student"), max_keypoints=64, precision="fp32")
+    f = b.extract(img)
+    assert f["descriptors"].shape[1] == 128 and len(f["descriptors"]) > 0
+    x = rng.uniform(0, 255, (8, 32, 32)).astype(np.float32)
+    meta = quantize_folder(out / "student", np.concatenate([x] * 8), source="test")
+    assert (out / "student" / "local_int8.tflite").is_file() and meta["agreement_on_held_out"]["cosine_mean"] > 0.9

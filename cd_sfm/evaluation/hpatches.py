@@ -98,15 +98,12 @@ def rootsift_describer(gray, kpts):
 
 
 def load_local_model(weights: str | Path):
-    from ..models.local import build_local_model
-    from ..models.weights import load_weights_npz
+    from ..models import local
 
     weights = Path(weights)
     if not weights.exists():
         raise CdSfmError(f"{weights}: weights not found")
-    model = build_local_model()
-    load_weights_npz(model, weights)
-    return model
+    return local.load_local_model(weights)
 
 
 def list_sequences(root: str | Path) -> list[Path]:

@@ -142,10 +142,10 @@ class ContextDescBackend:
     @staticmethod
     def _builders(models, info):
         from ..models.augment import GridInterpolate, build_augment_model
-        from ..models.local import build_local_model
+        from ..models.local import builder_for
         from ..models.regional import build_regional_model
 
-        b = {"local": build_local_model, "regional": build_regional_model}
+        b = {"local": builder_for(models["local"]), "regional": build_regional_model}
         if "augment" in models:
             m = models["augment"]
             visual = "regional_feat" in {i.name for i in m.inputs}

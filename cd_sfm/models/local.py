@@ -45,23 +45,105 @@ def conv_bn(x, filters, kernel, stride=1, padding="same", relu=True, name=None, 
     return x
 
 
-def build_local_model(name: str = "contextdesc_local", fold_bn: bool = False) -> keras.Model:
+# Channel widths: conv0..conv5 of the trunk, then kpt_m_conv0..2 of the matchability head. ``official`` is the authors'
+# layout (39 M multiply-adds per patch; imported weights always use it); ``compact`` a student of a quarter of the
+# trunk's width per layer pair (about 10 M multiply-adds), distilled from an official-layout teacher (issue 13).
+ARCHS = {
+    "official": (32, 32, 64, 64, 128, 128, 128, 32, 32),
+    "compact": (16, 16, 32, 32, 64, 64, 64, 32, 32),
+}
+_WIDTH_LAYERS = ("conv0", "conv1", "conv2", "conv3", "conv4", "conv5", "kpt_m_conv0", "kpt_m_conv1", "kpt_m_conv2")
+
+
+def arch_widths(arch: str | tuple | list | None) -> tuple:
+    """The widths of ``arch``: a name of :data:`ARCHS`, a tuple of 9 widths, or None (official)."""
+    if arch is None:
+        return ARCHS["official"]
+    if isinstance(arch, str):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown local architecture {arch!r}; known: {', '.join(ARCHS)}")
+        return ARCHS[arch]
+    widths = tuple(int(w) for w in arch)
+    if len(widths) != len(_WIDTH_LAYERS) or min(widths) < 1:
+        raise ValueError(f"a local architecture has {len(_WIDTH_LAYERS)} positive widths, not {arch!r}")
+    return widths
+
+
+def arch_name(widths) -> str:
+    widths = tuple(widths)
+    return next((k for k, v in ARCHS.items() if v == widths), ",".join(map(str, widths)))
+
+
+def widths_of_arrays(shapes: dict) -> tuple:
+    """The widths of a weight file (``{key: shape}`` of ``layer/kernel`` entries, as ``weights.save_weights_npz``
+    writes them)."""
+    try:
+        return tuple(int(shapes[f"{n}/kernel"][-1]) for n in _WIDTH_LAYERS)
+    except KeyError as e:
+        raise ValueError(f"not local-model weights (no {e.args[0]})") from None
+
+
+def widths_of_model(model: keras.Model) -> tuple:
+    return tuple(int(model.get_layer(n).filters) for n in _WIDTH_LAYERS)
+
+
+def builder_for(model: keras.Model):
+    """A builder (``fold_bn=...`` keyword, as :func:`build_local_model`) of models with ``model``'s widths: what the
+    inference runner uses for its folded / bf16 twins."""
+    import functools
+
+    return functools.partial(build_local_model, arch=widths_of_model(model))
+
+
+def load_local_model(path) -> keras.Model:
+    """The fp32 local model of a ``local.npz`` of any architecture (its widths read from the file)."""
+    from ..io import read_npz
+    from .weights import load_weights_npz
+
+    arrays = read_npz(path)
+    try:
+        widths = widths_of_arrays({k: v.shape for k, v in arrays.items()})
+    except ValueError as e:
+        from ..io import CdSfmError
+
+        raise CdSfmError(f"{path}: {e}") from None
+    model = build_local_model(arch=widths)
+    load_weights_npz(model, path)
+    return model
+
+
+def multiply_adds(arch=None) -> int:
+    """Multiply-adds per 32x32 patch of the local model of ``arch`` (trunk, descriptor and matchability head)."""
+    c = arch_widths(arch)
+    sizes = (32, 32, 16, 16, 8, 8)
+    total, cin = 0, 1
+    for w, s in zip(c[:6], sizes):
+        total += s * s * 9 * cin * w
+        cin = w
+    total += 64 * c[5] * 128  # conv6: 8x8 VALID -> 128
+    total += 64 * c[5] * c[6] + c[6] * c[7] + c[7] * c[8] + c[8]  # matchability head
+    return total
+
+
+def build_local_model(name: str = "contextdesc_local", fold_bn: bool = False, arch=None) -> keras.Model:
     """The local model; ``fold_bn=True`` builds its inference form (batch norms folded into the convolutions, see
-    ``cd_sfm.models.fold``), which has no BN layers and so cannot load the npz files directly."""
+    ``cd_sfm.models.fold``), which has no BN layers and so cannot load the npz files directly. ``arch``: a name of
+    :data:`ARCHS` or a tuple of widths (default: the official layout)."""
     f = fold_bn
+    c = arch_widths(arch)
     inp = keras.Input((32, 32, 1), name="input")
     x = PatchStandardize(name="standardize")(inp)
-    x = conv_bn(x, 32, 3, name="conv0", fold_bn=f)
-    x = conv_bn(x, 32, 3, name="conv1", fold_bn=f)
-    x = conv_bn(x, 64, 3, stride=2, name="conv2", fold_bn=f)
-    x = conv_bn(x, 64, 3, name="conv3", fold_bn=f)
-    x = conv_bn(x, 128, 3, stride=2, name="conv4", fold_bn=f)
-    c5 = conv_bn(x, 128, 3, name="conv5", fold_bn=f)
+    x = conv_bn(x, c[0], 3, name="conv0", fold_bn=f)
+    x = conv_bn(x, c[1], 3, name="conv1", fold_bn=f)
+    x = conv_bn(x, c[2], 3, stride=2, name="conv2", fold_bn=f)
+    x = conv_bn(x, c[3], 3, name="conv3", fold_bn=f)
+    x = conv_bn(x, c[4], 3, stride=2, name="conv4", fold_bn=f)
+    c5 = conv_bn(x, c[5], 3, name="conv5", fold_bn=f)
     feat = layers.Conv2D(128, 8, padding="valid", use_bias=False, name="conv6")(c5)
     feat = layers.Reshape((128,), name="conv6_feat")(feat)
-    m = conv_bn(c5, 128, 8, padding="valid", name="kpt_m_conv0", fold_bn=f)
-    m = conv_bn(m, 32, 1, name="kpt_m_conv1", fold_bn=f)
-    m = conv_bn(m, 32, 1, name="kpt_m_conv2", fold_bn=f)
+    m = conv_bn(c5, c[6], 8, padding="valid", name="kpt_m_conv0", fold_bn=f)
+    m = conv_bn(m, c[7], 1, name="kpt_m_conv1", fold_bn=f)
+    m = conv_bn(m, c[8], 1, name="kpt_m_conv2", fold_bn=f)
     m = layers.Conv2D(1, 1, use_bias=True, name="kpt_m")(m)
     m = layers.Reshape((1,), name="kpt_m_flat")(m)
     m = layers.Dense(1, name="kpt_m_dense")(m)

@@ -56,9 +56,9 @@ def _tower(model):
     import keras
 
     from .fold import fold_batchnorm
-    from .local import build_local_model
+    from .local import builder_for
 
-    folded = build_local_model(fold_bn=True)
+    folded = builder_for(model)(fold_bn=True)
     fold_batchnorm(model, folded)
     inp = keras.Input((32, 32, 1), name="patches")
     names = [layer.name for layer in folded.layers]
@@ -279,15 +279,13 @@ def quantize_folder(folder, calibration: np.ndarray, source: str, holdout: float
     """Write ``local_int8.tflite`` + ``local_int8.json`` into a model folder holding ``local.npz``; returns the meta.
 
     The last ``holdout`` share of ``calibration`` is kept out of the calibration and measures the agreement."""
-    from .local import build_local_model
-    from .weights import load_weights_npz
+    from .local import load_local_model
 
     folder = Path(folder)
     npz = folder / "local.npz"
     if not npz.is_file():
         raise CdSfmError(f"{folder}: no local.npz to quantise")
-    model = build_local_model()
-    load_weights_npz(model, npz)
+    model = load_local_model(npz)
     calibration = np.asarray(calibration, np.float32)
     k = max(1, int(len(calibration) * (1 - holdout)))
     t = time.perf_counter()

@@ -437,7 +437,7 @@ def _parity_failures(parity: dict, tolerance: float) -> list[str]:
 def load_keras_models(entry: ModelInfo, components=COMPONENTS, visual: bool | None = None) -> dict:
     """Build our Keras models and load the model's weight files: {component: keras.Model} for those present."""
     from .augment import build_augment_model, has_visual_weights
-    from .local import build_local_model
+    from .local import load_local_model
     from .regional import build_regional_model
     from .weights import load_weights_npz
 
@@ -447,8 +447,7 @@ def load_keras_models(entry: ModelInfo, components=COMPONENTS, visual: bool | No
         if path is None:
             continue
         if comp == "local":
-            model = build_local_model()
-            load_weights_npz(model, path)
+            model = load_local_model(path)  # any width (official layout, or a compact student)
         elif comp == "regional":
             model = build_regional_model()
             load_weights_npz(model, path)

@@ -75,6 +75,17 @@ def hardest_triplet_loss(anc, pos, ids=None, margin: float = 1.0):
     return loss, in_batch_accuracy(sim, ids)
 
 
+def distillation_loss(student_feat, teacher_feat, b):
+    """Distillation of a teacher's descriptors (issue 13's compact student): ``1 - cos`` of every student descriptor
+    with the teacher's of the same patch, plus the squared difference of the two anchor-positive cosine matrices of
+    the batch (the similarities matching ranks), both averaged. ``b``: the number of pairs (anchors first)."""
+    s, t = l2_normalize(student_feat), l2_normalize(teacher_feat)
+    point = tf.reduce_mean(1.0 - tf.reduce_sum(s * t, axis=-1))
+    sim_s = tf.matmul(s[:b], s[b:], transpose_b=True)
+    sim_t = tf.matmul(t[:b], t[b:], transpose_b=True)
+    return point + tf.reduce_mean(tf.square(sim_s - sim_t))
+
+
 def nn_is_positive(anc, pos, ids=None):
     """(B,) bool: the nearest positive of each anchor (cosine similarity) is its own."""
     a, p = l2_normalize(tf.stop_gradient(anc)), l2_normalize(tf.stop_gradient(pos))

@@ -197,21 +197,19 @@ class _Writer:
 
 def load_local_runner(weights: str | Path, batch_size: int = 1024):
     """Inference runner (batch norms folded) of a local model given as a registry name, folder or ``.npz``."""
-    from ..models.local import build_local_model
+    from ..models.local import builder_for, load_local_model
     from ..models.runner import ContextDescRunner
-    from ..models.weights import load_weights_npz
 
-    model = build_local_model()
     p = Path(str(weights))
     if p.suffix == ".npz":
         if not p.is_file():
             raise CdSfmError(f"{p}: local weights not found")
-        load_weights_npz(model, p)
+        model = load_local_model(p)
     else:
         from ..models import registry
 
-        load_weights_npz(model, registry.resolve(str(weights)).path("local"))
-    return ContextDescRunner({"local": model}, {"local": build_local_model}, batch_size=batch_size)
+        model = load_local_model(registry.resolve(str(weights)).path("local"))
+    return ContextDescRunner({"local": model}, {"local": builder_for(model)}, batch_size=batch_size)
 
 
 def mine_pairs(images, out_path, local_weights="cd-sfm-v1", conf: PairMineConf = PairMineConf(), names=None) -> dict:

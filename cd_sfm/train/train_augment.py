@@ -172,11 +172,9 @@ class AugTrainer:
         self.opt = keras.optimizers.AdamW(learning_rate=conf.lr, weight_decay=conf.weight_decay)
         objects = {"augment": self.aug, "optimizer": self.opt, "log_scale": self.log_scale}
         if self.e2e:
-            from ..models.local import build_local_model
-            from ..models.weights import load_weights_npz
+            from ..models.local import load_local_model
 
-            self.local = build_local_model()
-            load_weights_npz(self.local, local_weights)
+            self.local = load_local_model(local_weights)
             self.head_vars = [v for l in self.local.layers if l.name.startswith("kpt_m") for v in l.trainable_weights]
             hid = {id(v) for v in self.head_vars}
             self.trunk_vars = [v for v in self.local.trainable_weights if id(v) not in hid]
@@ -590,7 +588,7 @@ def export_weights(aug, local, name: str, meta: dict, export_dir=None, local_pat
 def export_run(run_dir, name: str, which: str = "final", export_dir=None) -> Path:
     """Export a run's ``final`` or ``best`` weights (augment.npz, plus local.npz for e2e)."""
     from ..models.augment import build_augment_model
-    from ..models.local import build_local_model
+    from ..models.local import load_local_model
     from ..models.weights import load_weights_npz
 
     run_dir = Path(run_dir)
@@ -603,8 +601,7 @@ def export_run(run_dir, name: str, which: str = "final", export_dir=None) -> Pat
     stored = load_weights_npz(aug, src)
     local = None
     if conf.mode == "e2e":
-        local = build_local_model()
-        load_weights_npz(local, run_dir / f"{which}_local.npz")
+        local = load_local_model(run_dir / f"{which}_local.npz")
     final = load_weights_npz(build_augment_model(visual=False), run_dir / "final.npz") \
         if (run_dir / "final.npz").exists() else {}
     meta = dict(final) if final else {}

@@ -73,6 +73,9 @@ class TrainConf:
     jit: bool = False
     max_train_pairs: int = 0  # 0 = all
     upright: bool = False
+    arch: str = "official"  # local layout: official (the authors', for imported weights too) or compact (a student)
+    teacher: str = ""  # local weights (.npz, model name or folder) to distil from: its descriptors and matchability
+    distill_weight: float = 1.0  # weight of the distillation terms next to the descriptor / matchability losses
     export: str = ""  # model name: export to cd_sfm/weights/<name>/ at the end
     export_dir: str = ""  # default: cd_sfm/weights
 
@@ -160,7 +163,8 @@ class LocalTrainer:
             tf.config.threading.set_intra_op_parallelism_threads(conf.threads)
             tf.config.threading.set_inter_op_parallelism_threads(min(2, conf.threads))
         keras.utils.set_random_seed(conf.seed)
-        self.model = build_local_model()
+        self.model = build_local_model(arch=conf.arch)
+        self.teacher = _load_teacher(conf.teacher) if conf.teacher else None
         self.head_vars = [v for l in self.model.layers if l.name.startswith("kpt_m") for v in l.trainable_weights]
         head_ids = {id(v) for v in self.head_vars}
         self.trunk_vars = [v for v in self.model.trainable_weights if id(v) not in head_ids]
@@ -193,6 +197,11 @@ class LocalTrainer:
             mb_a = losses.matchability_loss(mb[:b], anc, pos, ids)
             mb_p = losses.matchability_loss(mb[b:], pos, anc, ids)
             mb_loss = 0.5 * (mb_a + mb_p)
+            if self.teacher is not None:  # distillation: the teacher's descriptors and matchability, inference mode
+                t_out = self.teacher(x, training=False)
+                w = self.conf.distill_weight
+                loss = loss + w * losses.distillation_loss(feat, tf.stop_gradient(t_out["conv6_feat"]), b)
+                mb_loss = mb_loss + w * tf.reduce_mean(tf.square(mb - tf.stop_gradient(t_out["kpt_mb"])))
         g_trunk = tape.gradient(loss, train_vars)
         g_head = tape.gradient(mb_loss, self.head_vars)
         del tape
@@ -345,6 +354,7 @@ def _describe_data(path: str, attrs: dict, share) -> str:
 
 
 def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> dict:
+    from ..models.local import arch_name, arch_widths, multiply_adds
     from ..split import SPLIT_FILE, load_split
 
     split = load_split(SPLIT_FILE) if SPLIT_FILE.exists() else None
@@ -361,6 +371,9 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
         "description": "our own ContextDesc local model (descriptor + matchability), trained on CPU from scratch; "
                        "no augmentation/regional weights",
         "upright": conf.upright,
+        "local_arch": arch_name(arch_widths(conf.arch)),
+        "multiply_adds_per_patch": multiply_adds(conf.arch),
+        **({"teacher": conf.teacher, "distill_weight": conf.distill_weight} if conf.teacher else {}),
         "trained_on": " + ".join(_describe_data(p, a, sh) for (p, a), sh in zip(files, shares))
                       + " of the TRAIN scenes of cd_sfm/split.yaml",
         "train_scenes": scenes,
@@ -377,9 +390,27 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
                   f"--loss {conf.loss} --seed {conf.seed} --time-budget {conf.time_budget_min:g}"
                   + "".join(f" --data-extra {x}" for x in extra_files(conf))
                   + "".join(f" --extra-ratio {r:g}" for r in extra_ratios(conf) if any(extra_ratios(conf)))
+                  + (f" --arch {conf.arch}" if conf.arch != "official" else "")
+                  + (f" --teacher {conf.teacher} --distill-weight {conf.distill_weight:g}" if conf.teacher else "")
                   + (f" --export {conf.export}" if conf.export else ""),
         "train_conf": asdict(conf),
     }
+
+
+def _load_teacher(spec: str):
+    """The teacher's fp32 local model: a ``.npz``, or a model name / folder of the registry."""
+    from ..models.local import load_local_model
+
+    p = Path(spec)
+    if p.suffix != ".npz":
+        from ..models import registry
+
+        p = registry.resolve(spec).path("local")
+    if p is None or not Path(p).is_file():
+        raise CdSfmError(f"{spec}: teacher weights not found")
+    model = load_local_model(p)
+    model.trainable = False
+    return model
 
 
 def _rel_data(name: str) -> str:
@@ -518,7 +549,7 @@ def export_run(run_dir: str | Path, name: str, which: str = "final", export_dir=
     conf_d = json.loads((run_dir / "conf.json").read_text())
     conf = TrainConf(**{f.name: conf_d[f.name] for f in fields(TrainConf) if f.name in conf_d})
     conf.export = name
-    model = build_local_model()
+    model = build_local_model(arch=conf.arch)
     if which == "latest":
         import tensorflow as tf
 
@@ -568,6 +599,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="share of each batch from each --data-extra, in the same order (0 or none: the natural "
                         "share of all pairs)")
     p.add_argument("--upright", action="store_true", help="record the model as upright (mine with --upright too)")
+    p.add_argument("--arch", default=d.arch, choices=["official", "compact"],
+                   help="local layout: official (the authors') or compact (a student, about 4x fewer multiply-adds)")
+    p.add_argument("--teacher", default="", help="distil from these local weights (.npz, model name or folder)")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
     p.add_argument("--export", default="", help="model name: write cd_sfm/weights/<name>/ when the run completes")
     p.add_argument("--export-dir", default="")
     return p
@@ -579,7 +614,8 @@ def conf_from_args(args) -> TrainConf:
         scale_aware=not args.no_scale_aware, seed=args.seed, time_budget_min=args.time_budget,
         val_every=args.val_every, val_pairs=args.val_pairs, ckpt_every=args.ckpt_every, threads=args.threads,
         jit=args.jit, max_train_pairs=args.max_train_pairs, upright=args.upright, export=args.export,
-        export_dir=args.export_dir, data_extra=args.data_extra, extra_ratio=args.extra_ratio,
+        export_dir=args.export_dir, data_extra=args.data_extra, extra_ratio=args.extra_ratio, arch=args.arch,
+        teacher=args.teacher, distill_weight=args.distill_weight,
     )
 
 
