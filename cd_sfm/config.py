@@ -13,9 +13,10 @@ Keys:
 * ``model``: the ContextDesc model (a name of ``cd-sfm models list`` or a folder holding ``local.npz``; null: the
   shipped default, recorded by name in the saved ``config.yaml``); ``augment``: false stores the raw local
   descriptors even when the model has augmentation weights. Both only matter for ContextDesc features.
-* ``pairs``: ``exhaustive``, ``sequential`` (each image with the next ``overlap``), ``retrieval`` (each image with its
-  ``num_neighbors`` most similar), the path of a pair file (``name0 name1`` lines), or a union of these joined by
-  ``+`` (``retrieval+sequential``; repeated pairs dropped). ``retrieval``: the global descriptor, ``regional`` (GeM of
+* ``pairs``: ``auto`` (the default: exhaustive up to 50 images, else retrieval, plus sequential when the names or
+  EXIF times look like a sequence; :mod:`cd_sfm.pairs.auto`), ``exhaustive``, ``sequential`` (each image with the
+  next ``overlap``), ``retrieval`` (each image with its ``num_neighbors`` most similar), the path of a pair file
+  (``name0 name1`` lines), or a union of these joined by ``+`` (``retrieval+sequential``; repeated pairs dropped). ``retrieval``: the global descriptor, ``regional`` (GeM of
   the regional ResNet50, needs its weights), ``local`` (VLAD of the images' own local descriptors) or ``auto``
   (regional when its weights are available, else local).
 * ``matching``: a preset of :data:`cd_sfm.matching.confs`; ``matching_options``: overrides (e.g. ``{ratio: 0.9}``);
@@ -52,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "model": None,
     "augment": True,
     "model_digest": None,  # recorded by the pipeline (hash of the ContextDesc weights used), not set by users
-    "pairs": "exhaustive",
+    "pairs": "auto",
     "overlap": 10,
     "num_neighbors": 20,
     "retrieval": "auto",

@@ -247,6 +247,30 @@ def read_image(path: str | Path, grayscale: bool = False, max_size: int | None =
     return arr, scale
 
 
+_TAG_DATETIME_ORIGINAL, _TAG_SUBSEC_ORIGINAL, _TAG_DATETIME = 0x9003, 0x9291, 0x0132
+
+
+def capture_time(path: str | Path) -> float | None:
+    """EXIF capture time (DateTimeOriginal, else DateTime, with sub-seconds when given) in seconds since the epoch
+    (local time as written; only differences matter), or None when absent or unreadable."""
+    import datetime as dt
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                exif = img.getexif()
+                sub = exif.get_ifd(_TAG_EXIF_IFD)
+        text = _as_text(sub.get(_TAG_DATETIME_ORIGINAL)) or _as_text(exif.get(_TAG_DATETIME))
+        if not text:
+            return None
+        t = dt.datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S").replace(tzinfo=dt.timezone.utc).timestamp()
+        frac = _as_text(sub.get(_TAG_SUBSEC_ORIGINAL))
+        return t + (float(f"0.{frac}") if frac and frac.isdigit() else 0.0)
+    except Exception:  # noqa: BLE001 - no usable time
+        return None
+
+
 def exif_orientation(path: str | Path) -> int:
     """The EXIF Orientation of an image file (1..8; 1 when absent, unreadable or invalid)."""
     try:

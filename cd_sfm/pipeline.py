@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 FEATURES, PAIRS, MATCHES, DATABASE = "features.h5", "pairs.txt", "matches.h5", "database.db"
 GLOBAL_FEATURES = "global-feats.h5"
-PAIR_METHODS = ("exhaustive", "sequential", "retrieval")
+PAIR_METHODS = ("auto", "exhaustive", "sequential", "retrieval")
 RETRIEVAL_KINDS = ("auto", "regional", "local")
 
 
@@ -181,7 +181,7 @@ def prepare_conf(conf: dict | str | None, check_pairs: bool = True) -> dict:
                              f"union such as retrieval+sequential)")
     if str(conf.get("retrieval") or "auto") not in RETRIEVAL_KINDS:
         raise CdSfmError(f"retrieval {conf['retrieval']!r}: expected one of {', '.join(RETRIEVAL_KINDS)}")
-    if "retrieval" in sources and conf.get("retrieval") == "regional":
+    if {"retrieval", "auto"} & set(sources) and conf.get("retrieval") == "regional":
         retrieval_conf(conf)  # no weights: say so now, not after extraction
     if conf["mapper"] not in MAPPERS:
         raise CdSfmError(f"mapper {conf['mapper']!r}: expected one of {', '.join(MAPPERS)}")
@@ -316,15 +316,25 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
 
 @locked
 def run_pairs(names: list[str], out_dir: str | Path, conf: dict,
-              image_dir: str | Path | None = None) -> list[tuple[str, str]]:
+              image_dir: str | Path | None = None, chosen: dict | None = None) -> list[tuple[str, str]]:
     """The image pairs to match, written to ``out_dir/pairs.txt``: the union of the pair sources of ``conf["pairs"]``
-    (see :func:`pair_sources`), repeats in either order dropped, in the order the sources give them.
-    ``image_dir`` is needed by regional retrieval only (the network sees the images)."""
+    (see :func:`pair_sources`; ``auto`` is decided here by :func:`cd_sfm.pairs.auto.choose`), repeats in either order
+    dropped, in the order the sources give them. ``image_dir`` is needed by regional retrieval (the network sees
+    the images) and by ``auto`` (EXIF capture times). ``chosen`` (a dict) receives the sources used and why."""
     from .pairs import save, unique_pairs
 
     out_dir = Path(out_dir)
     output = out_dir / PAIRS
     sources = pair_sources(conf["pairs"])
+    why = "+".join(sources)
+    if "auto" in sources:
+        from .pairs import auto
+
+        picked, why = auto.choose(names, Path(image_dir) if image_dir is not None else None)
+        logger.info("Pairs: auto -> %s", why)
+        sources = list(dict.fromkeys(s for src in sources for s in (picked if src == "auto" else [src])))
+    if chosen is not None:
+        chosen.update(sources=sources, reason=why)
     pairs: list[tuple[str, str]] = []
     counts = []
     for src in sources:
@@ -450,7 +460,8 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
             raise CdSfmError(f"{image_dir}: {len(used)} usable image(s) of {len(ex['found'])}, need at least 2{why}")
 
         t = time.perf_counter()
-        pairs = run_pairs(used, out_dir, conf, image_dir=image_dir)
+        chosen: dict = {}
+        pairs = run_pairs(used, out_dir, conf, image_dir=image_dir, chosen=chosen)
         seconds["pairs"] = time.perf_counter() - t
         if not pairs:
             raise CdSfmError(f"{out_dir / PAIRS}: no image pairs to match")
@@ -465,7 +476,7 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
 
     summary = make_summary(image_dir, out_dir, conf, ex["found"], used, skipped, sfm, seconds, num_pairs=len(pairs))
     summary.update(features_extracted=ex["extracted"], features_reused=ex["reused"], pairs_matched=mt["matched"],
-                   pairs_reused=mt["reused"])
+                   pairs_reused=mt["reused"], pairs_chosen=chosen.get("reason"))
     write_summary(out_dir, summary)
     logger.info("Registered %d / %d images in %.1f s; summary in %s", summary["num_images_registered"], len(used),
                 seconds["total"], out_dir / "summary.json")

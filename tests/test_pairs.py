@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from cd_sfm.io import CdSfmError, parse_pairs
@@ -61,3 +62,33 @@ def test_sequential(tmp_path):
     assert len(sequential.main(rig, overlap=1)) == 4
     with pytest.raises(ValueError):
         sequential.main(names, overlap=0)
+
+
+def test_auto_pairs_by_size_and_sequence(tmp_path):
+    from cd_sfm.pairs import auto
+
+    small = [f"img{i}.jpg" for i in range(10)]
+    assert auto.choose(small)[0] == ["exhaustive"]
+    frames = [f"video/frame_{i:05d}.png" for i in range(0, 600, 5)]
+    assert auto.looks_like_sequence(frames) and auto.choose(frames)[0] == ["retrieval", "sequential"]
+    photos = [f"{n}_{h:x}.jpg" for n, h in zip(np.random.default_rng(0).integers(10**6, 10**8, 80), range(80))]
+    assert not auto.looks_like_sequence(photos) and auto.choose(photos)[0] == ["retrieval"]
+    gaps = [f"IMG_{i:04d}.JPG" for i in list(range(60)) + [5000, 9000]]  # two unrelated shots far off the counter
+    assert not auto.numbered_sequence(gaps)
+
+
+def test_auto_pairs_from_exif_times(tmp_path):
+    from PIL import Image
+
+    from cd_sfm.images import capture_time
+    from cd_sfm.pairs import auto
+
+    names = []
+    for i in range(6):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9003] = f"2024:05:01 10:00:{2 * i:02d}"
+        n = f"{'abcdef'[i]}x.jpg"  # names that do not look numbered
+        Image.new("RGB", (8, 8)).save(tmp_path / n, exif=exif.tobytes())
+        names.append(n)
+    assert capture_time(tmp_path / names[1]) - capture_time(tmp_path / names[0]) == 2.0
+    assert not auto.numbered_sequence(names) and auto.timed_sequence(tmp_path, names)
