@@ -30,7 +30,10 @@ Keys:
   ``hierarchical_options``: attributes of pycolmap's ``IncrementalPipelineOptions`` / ``GlobalPipelineOptions`` /
   ``HierarchicalPipelineOptions`` for the mapper in use (nested dicts for nested options; one key per mapper so that
   a preset can tune each and ``--mapper`` still picks any), ``mapping_retries`` (map again with
-  the next seed when images with verified pairs stay unregistered; scenes up to 300 images), ``seed`` (-1: random).
+  the next seed when images with verified pairs stay unregistered; scenes up to 300 images), ``mapping_fallback``
+  (when the incremental mapper still leaves out images with verified pairs, or its model does not agree with the
+  two-view geometries, try the global mapper too, and the other way round, keeping the model that registers the
+  most images among those that agree: :mod:`cd_sfm.colmap.consistency`), ``seed`` (-1: random).
 * ``ray``: null (in process), or ``auto`` / ``local`` / a cluster address: extraction and matching run on Ray workers
   (:mod:`cd_sfm.distributed`; same files as in process); ``ray_options``: :class:`cd_sfm.distributed.RayConf` fields
   (``num_workers``, ``ship_data``, ...). Without it nothing imports Ray.
@@ -70,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "global_options": {},
     "hierarchical_options": {},
     "mapping_retries": 1,
+    "mapping_fallback": True,
     "seed": 0,
     "ray": None,
     "ray_options": {},

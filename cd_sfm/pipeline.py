@@ -418,8 +418,11 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
                              out_dir / MATCHES, image_names=names, verification=verification)
     seconds["database"] = time.perf_counter() - t
     t = time.perf_counter()
+    other = mapping.OTHER_MAPPER.get(conf["mapper"])
     rec, map_stats = mapping.main({"mapper": conf["mapper"], "options": conf.get(f"{conf['mapper']}_options") or {},
-                                   "seed": conf.get("seed"), "retries": conf.get("mapping_retries", 1)},
+                                   "seed": conf.get("seed"), "retries": conf.get("mapping_retries", 1),
+                                   "fallback": conf.get("mapping_fallback", True),
+                                   "fallback_options": conf.get(f"{other}_options") or {} if other else {}},
                                   out_dir / DATABASE, image_dir, out_dir)
     seconds["mapping"] = time.perf_counter() - t
     return {"database": db_stats, "mapping": map_stats, "seconds": seconds, "reconstruction": rec}
@@ -508,6 +511,9 @@ def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], u
         "num_pairs": num_pairs if num_pairs is not None else sfm["database"]["num_pairs"],
         "num_verified_pairs": (sfm["database"].get("verification") or {}).get("num_verified_pairs", 0),
         "mapping_attempts": ms.get("attempts", 1),
+        "mapper_used": ms.get("mapper", conf["mapper"]),
+        "mapping_agreement": ms.get("agreement"),
+        "mapping_tried": ms.get("tried", []),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
 
@@ -553,6 +559,12 @@ def format_summary(s: dict) -> str:
         (f"Reused {s['features_reused']} image features and {s.get('pairs_reused', 0)} pair matches; "
          if "features_reused" in s else "") + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
     ]
+    tried = s.get("mapping_tried") or []
+    if len(tried) > 1:
+        lines.append("Mapping tried " + "; ".join(
+            f"{t['mapper']} {t['registered']} images (agreement "
+            f"{'n/a' if t['agreement'] is None else format(t['agreement'], '.2f')})" for t in tried)
+            + f" -> kept {s.get('mapper_used')}")
     if s.get("unregistered"):
         more = f" (+{len(s['unregistered']) - 5} more)" if len(s["unregistered"]) > 5 else ""
         lines.append("Not registered: " + ", ".join(s["unregistered"][:5]) + more)

@@ -3,6 +3,8 @@ sparse/0, points.ply, statistics."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pycolmap
 import pytest
 from _colmap_synth import synthetic_scene, write_feature_files
@@ -83,8 +85,39 @@ def test_largest_model_is_sparse_0(tmp_path):
                   tmp_path / "pairs.txt", tmp_path / "matches.h5", verification={})
     best, st = mapping.main({"options": {"min_model_size": 3}}, tmp_path / "database.db", tmp_path, tmp_path)
     assert st["num_models"] == 2 and st["num_registered"] == 6
-    assert st["attempts"] == 2  # 10 images have verified pairs, 6 registered: one retry (which cannot do better)
+    # the largest connected component of verified pairs has 6 images and the largest model registers them all: no
+    # retry and no fallback mapper (the 4 others are a model of their own)
+    assert st["attempts"] == 1 and st["num_connected_images"] == 6
     assert all(n.startswith("big/") for n in st["registered"])
     m0 = pycolmap.Reconstruction(str(tmp_path / "sparse" / "0"))
     m1 = pycolmap.Reconstruction(str(tmp_path / "sparse" / "1"))
     assert m0.num_reg_images() == 6 and m1.num_reg_images() == 4
+
+
+def test_choice_between_mapping_attempts():
+    """The trusted attempt with most images wins; an untrusted alternative (poses that disagree with the two-view
+    geometries) never replaces the configured mapper's model."""
+    def t(mapper, reg, pts, ag):
+        return {"mapper": mapper, "seed": 0, "registered": reg, "points": pts, "agreement": ag, "models": []}
+
+    inc, glob_ok, glob_bad = t("incremental", 2, 500, 1.0), t("global", 29, 2000, 0.97), t("global", 29, 900, 0.3)
+    assert mapping._choose([inc, glob_ok]) is glob_ok
+    assert mapping._choose([inc, glob_bad]) is inc
+    assert mapping._choose([t("incremental", 10, 900, 0.5), glob_bad])["mapper"] == "incremental"
+    assert mapping._complete(t("incremental", 6, 10, None), 6) and not mapping._complete(glob_bad, 29)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_forward_facing_scene_falls_back_to_the_global_mapper(tmp_path):
+    """vggt_llff_flower (TRAIN scene, 24 forward-facing views): COLMAP's incremental mapper finds no initial pair
+    (0 images), the global mapper registers all with a model that agrees with the verified pairs; the defaults keep
+    that one."""
+    scene = Path(__file__).resolve().parents[2] / "shared" / "data" / "more" / "vggt_llff_flower" / "images"
+    if not scene.is_dir():
+        pytest.skip("../shared/data/more/vggt_llff_flower absent")
+    from cd_sfm.pipeline import reconstruct
+
+    s = reconstruct(scene, tmp_path / "out", {"features": "sift", "max_image_size": 1024}, progress=False)
+    assert s["num_images_registered"] == 24 and s["mapper_used"] == "global"
+    assert s["mapping_tried"][0]["mapper"] == "incremental" and s["mapping_agreement"] >= mapping.MIN_AGREEMENT

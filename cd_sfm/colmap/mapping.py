@@ -31,7 +31,14 @@ logger = logging.getLogger(__name__)
 MAPPERS = ("incremental", "global", "hierarchical")
 
 default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
-                                "retry_max_images": 300}
+                                "retry_max_images": 300, "fallback": True, "fallback_options": {},
+                                "fallback_max_images": 5000}
+
+# a model is trusted when at least this share of its verified image pairs agree with it (half or more of a pair's
+# RANSAC inliers within 4 px of the model's epipolar lines, see consistency.py): 1.0 on good models of the TRAIN
+# scenes, 0.2-0.35 where the global mapper "registered" unrelated Internet photos with wrong poses
+MIN_AGREEMENT = 0.8
+OTHER_MAPPER = {"incremental": "global", "global": "incremental"}
 
 confs = {
     "incremental": {"mapper": "incremental", "options": {}},
@@ -116,8 +123,50 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     return sorted(dict(models or {}).values(), key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
 
 
+def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path) -> dict:
+    """One mapping run and what judges it: registered images and points of its largest model, and that model's
+    agreement with the verified two-view geometries (:mod:`.consistency`)."""
+    from .consistency import agreement
+
+    models = _map_once(conf, seed, database_path, image_dir, tmp)
+    best = models[0] if models else None
+    ag = agreement(best, database_path)
+    return {"mapper": conf["mapper"], "seed": seed, "registered": best.num_reg_images() if best else 0,
+            "points": best.num_points3D() if best else 0, "agreement": ag["agreeing_pairs"],
+            "pairs_checked": ag["pairs"], "models": models}
+
+
+def _trusted(t: dict) -> bool:
+    return t["registered"] >= 2 and (t["agreement"] is None or t["agreement"] >= MIN_AGREEMENT)
+
+
+def _complete(t: dict, num_images: int) -> bool:
+    return t["registered"] >= num_images and _trusted(t)
+
+
+def _rank(t: dict) -> tuple:
+    return (t["registered"], t["points"])
+
+
+def _choose(tried: list[dict]) -> dict:
+    """The trusted attempt with the most registered images (then points); without a trusted one, the best attempt of
+    the configured mapper (the first ones), never an untrusted alternative."""
+    trusted = [t for t in tried if _trusted(t)]
+    if trusted:
+        return max(trusted, key=_rank)
+    first = tried[0]["mapper"]
+    return max((t for t in tried if t["mapper"] == first), key=_rank)
+
+
+def _describe(t: dict) -> str:
+    ag = "n/a" if t["agreement"] is None else f"{t['agreement']:.2f}"
+    return f"{t['mapper']} (seed {t['seed']}): {t['registered']} images, {t['points']} points, agreement {ag}"
+
+
 def _num_connected_images(database_path: Path, min_inliers: int) -> int:
-    """Images with at least one verified pair of ``min_inliers`` inlier matches: what a model could register."""
+    """Images in the largest connected component of the verified-pair graph (pairs with at least ``min_inliers``
+    inlier matches): the most one model can register. Images of other components belong to other models, so
+    leaving them out of the largest is no reason to map again."""
     import pycolmap
 
     db = pycolmap.Database.open(str(database_path))
@@ -125,11 +174,23 @@ def _num_connected_images(database_path: Path, min_inliers: int) -> int:
         pair_ids, counts = db.read_two_view_geometry_num_inliers()
     finally:
         db.close()
-    ids: set[int] = set()
+    parent: dict[int, int] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
     for pid, n in zip(pair_ids, counts):
         if n >= min_inliers:
-            ids.update(pycolmap.pair_id_to_image_pair(pid))
-    return len(ids)
+            a, b = pycolmap.pair_id_to_image_pair(pid)
+            parent[find(a)] = find(b)
+    sizes: dict[int, int] = {}
+    for x in list(parent):
+        r = find(x)
+        sizes[r] = sizes.get(r, 0) + 1
+    return max(sizes.values(), default=0)
 
 
 def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path) -> tuple:
@@ -154,20 +215,28 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     num_images = _num_connected_images(database_path, _min_num_matches(pipeline_options(conf)))
     retries = int(conf.get("retries") or 0) if num_images <= int(conf.get("retry_max_images") or 0) else 0
     logger.info("Mapping (%s) ...", conf["mapper"])
-    ranked: list = []
-    attempts = 0
+    tried: list[dict] = []
     for attempt in range(retries + 1):
-        attempts += 1
         s = seed + attempt if seed >= 0 else -1
-        models = _map_once(conf, s, database_path, image_dir, tmp)
-        best_now = models[0].num_reg_images() if models else 0
-        if not ranked or best_now > ranked[0].num_reg_images():
-            ranked = models
-        if ranked and ranked[0].num_reg_images() >= num_images:
+        tried.append(_attempt(conf, s, database_path, image_dir, tmp))
+        if _complete(tried[-1], num_images):
             break
         if attempt < retries:
-            logger.info("Mapping attempt %d registered %d of %d images; trying seed %s", attempt + 1, best_now,
-                        num_images, s + 1 if s >= 0 else "random")
+            logger.info("Mapping attempt %d registered %d of %d images; trying seed %s", attempt + 1,
+                        tried[-1]["registered"], num_images, s + 1 if s >= 0 else "random")
+    other = OTHER_MAPPER.get(conf["mapper"])
+    if conf.get("fallback") and other and num_images <= int(conf.get("fallback_max_images") or 0) \
+            and not any(_complete(t, num_images) for t in tried):
+        best_now = max(tried, key=_rank)
+        logger.info("The %s mapper registered %d of %d images%s; trying the %s mapper", conf["mapper"],
+                    best_now["registered"], num_images, "" if _trusted(best_now) else " (model not trusted)", other)
+        tried.append(_attempt({**conf, "mapper": other, "options": conf.get("fallback_options") or {}}, seed,
+                              database_path, image_dir, tmp))
+    chosen = _choose(tried)
+    ranked = chosen["models"]
+    if len(tried) > 1:
+        logger.info("Mapping attempts: %s -> %s", "; ".join(_describe(t) for t in tried), _describe(chosen))
+    attempts = len(tried)
     with writing(sparse):  # a full disk is one line naming the model folder
         # write the models in rank order: sparse/0 is the largest
         staged = output_dir / f".sparse.new.{os.getpid()}"
@@ -191,7 +260,9 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         else:
             ply.unlink(missing_ok=True)
     stats = model_stats(best)
-    stats.update(num_models=len(ranked), mapper=conf["mapper"], attempts=attempts, seconds=time.perf_counter() - t0)
+    stats.update(num_models=len(ranked), mapper=chosen["mapper"], attempts=attempts, seconds=time.perf_counter() - t0,
+                 agreement=chosen["agreement"], num_connected_images=num_images,
+                 tried=[{k: v for k, v in t.items() if k != "models"} for t in tried])
     stats["registered"] = sorted(best.images[i].name for i in best.reg_image_ids()) if best is not None else []
     logger.info("Mapping: %d models, the largest with %d images and %d points", len(ranked), stats["num_registered"],
                 stats["num_points3D"])
