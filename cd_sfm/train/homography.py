@@ -84,9 +84,12 @@ class MineConf:
             self.detector.upright = True
 
 
-def load_gray(path: str | Path, max_size: int = 1024) -> np.ndarray:
-    """Grayscale uint8 image, downscaled (INTER_AREA) so that its longest side is at most ``max_size``."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+def load_gray(path: str | Path, max_size: int = 1024, stored_pixels: bool = False) -> np.ndarray:
+    """Grayscale uint8 image, downscaled (INTER_AREA) so that its longest side is at most ``max_size``; upright (EXIF
+    orientation applied) unless ``stored_pixels`` (the file's own pixel frame, which feature files use for images
+    with an EXIF orientation: see ``cd_sfm.features.extract.extract_image``)."""
+    flags = cv2.IMREAD_GRAYSCALE | (cv2.IMREAD_IGNORE_ORIENTATION if stored_pixels else 0)
+    img = cv2.imread(str(path), flags)
     if img is None:
         raise CdSfmError(f"{path}: cannot read image")
     h, w = img.shape

@@ -65,7 +65,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SfmMineConf:
     # pipeline conf of the reconstruction (partial: cd_sfm.config.DEFAULTS for the rest)
-    reconstruct: dict = field(default_factory=lambda: {"features": "sift", "max_image_size": 1024, "seed": 0})
+    # folders of separate pairs (wxbs, evd, ...) make models of 2 images, which COLMAP's default min_model_size (10)
+    # would drop; the pipeline's fallback to the global mapper recovers scenes the incremental one cannot start
+    reconstruct: dict = field(default_factory=lambda: {"features": "sift", "max_image_size": 1024, "seed": 0,
+                                                       "incremental_options": {"min_model_size": 2}})
     min_track_length: int = 2
     max_reproj_error: float = 2.0  # px, mean reprojection error of the 3D point
     max_pairs_per_track: int = 6  # 0 = all view pairs
@@ -225,7 +228,9 @@ def _read_features(features_path: Path, names) -> dict:
             g = f[n]
             out[n] = {"keypoints": g["keypoints"][()].astype(np.float64), "scales": g["scales"][()].astype(np.float64),
                       "angles": np.mod(np.rad2deg(g["orientations"][()].astype(np.float64)), 360.0),
-                      "image_size": g["image_size"][()].astype(np.int64)}
+                      "image_size": g["image_size"][()].astype(np.int64),
+                      # entries of images with an EXIF orientation are in the file's stored pixels (newer files)
+                      "stored_pixels": int(g.attrs.get("exif_orientation", 1)) != 1}
     return out
 
 
@@ -299,7 +304,7 @@ def mine_scene(scene_dir: Path, work_dir: Path, conf: SfmMineConf, image_index: 
     side_name = obs["name"][side_obs] if npair else np.zeros(0, object)
     for n in tqdm(list(np.unique(side_name)), desc=f"patches {scene_label(scene_dir)}", unit="img", leave=False):
         sel = np.flatnonzero(side_name == n)
-        gray = load_gray(full[n], max_size)
+        gray = load_gray(full[n], max_size, stored_pixels=feats[n]["stored_pixels"])
         W0, H0 = feats[n]["image_size"]
         h, w = gray.shape
         if abs(W0 / H0 - w / h) > 0.02:
