@@ -541,3 +541,26 @@ def write_report(out_dir: str | Path, png: bool = True) -> dict:
         out["png"] = str(out_dir / OVERVIEW)
     logger.info("Report: %s%s", page, f" and {out_dir / OVERVIEW}" if png else "")
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def cmd_report(args) -> int:
+    st = write_report(args.out, png=not args.no_png)
+    print(f"Report: {st['html']} ({st['num_points']} points, {st['num_cameras']} cameras, {st['num_plots']} match "
+          f"plots)" + (f"; overview: {st['png']}" if st.get("png") else ""))
+    return 0
+
+
+def add_parser(subparsers):
+    """CLI hook: ``cd-sfm report OUT``."""
+    p = subparsers.add_parser("report", help="write OUT/report.html (3D view, per-image table, match plots) and "
+                                             "OUT/overview.png")
+    p.add_argument("out", help="output folder of `cd-sfm reconstruct`")
+    p.add_argument("--no-png", action="store_true", help="skip overview.png")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug output")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    p.set_defaults(func=cmd_report)
+    return p

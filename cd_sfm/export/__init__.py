@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("colmap3", "undistorted", "gaussian-splatting", "openmvs", "nerfstudio")
 ALIASES = {"colmap": "colmap3", "colmap-3": "colmap3", "gsplat": "gaussian-splatting", "3dgs": "gaussian-splatting",
-           "mvs": "openmvs", "dense": "undistorted"}
+           "mvs": "openmvs", "dense": "undistorted", "nerf": "nerfstudio", "ns": "nerfstudio"}
 
 
 def default_output(out_dir: str | Path, kind: str) -> Path:

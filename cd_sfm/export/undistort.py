@@ -47,7 +47,7 @@ def undistort(model: Path, image_dir: Path, output: Path, max_image_size: int | 
     opts = pycolmap.UndistortCameraOptions()
     if max_image_size:
         opts.max_image_size = int(max_image_size)
-    logger.info("Undistorting %d images into %s", rec.num_reg_images(), output)
+    logger.info("Undistorting %d images (COLMAP's undistorter)", rec.num_reg_images())
     pycolmap.undistort_images(str(output), str(model), str(image_dir), undistort_options=opts)
     if not (output / "sparse" / "cameras.bin").exists():
         raise CdSfmError(f"{output}: the undistorter wrote no model")
