@@ -205,16 +205,18 @@ def _jpeg_data_uri(bgr: np.ndarray, quality: int = 80) -> str:
 
 
 def match_plot(img0: np.ndarray, img1: np.ndarray, kp0: np.ndarray, kp1: np.ndarray, matches: np.ndarray,
-               height: int = PLOT_HEIGHT, max_lines: int = MAX_PLOT_LINES, seed: int = 0) -> np.ndarray:
+               height: int = PLOT_HEIGHT, max_lines: int = MAX_PLOT_LINES, seed: int = 0,
+               read_scales: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """Two RGB images side by side at ``height`` pixels with (a subset of) the matches as lines; BGR uint8.
-    ``kp0`` / ``kp1``: (N, 2) pixel coordinates, OpenCV convention."""
+    ``kp0`` / ``kp1``: (N, 2) pixel coordinates of the original images, OpenCV convention; ``read_scales``: the size
+    of ``img0`` / ``img1`` over the original's (images read reduced)."""
     import cv2
 
     parts, scales = [], []
-    for img in (img0, img1):
+    for img, r in zip((img0, img1), read_scales):
         s = height / img.shape[0]
         parts.append(cv2.resize(img, (max(1, round(img.shape[1] * s)), height), interpolation=cv2.INTER_AREA))
-        scales.append(s)
+        scales.append(s * r)
     canvas = cv2.cvtColor(np.hstack(parts), cv2.COLOR_RGB2BGR)
     m = np.asarray(matches, np.int64).reshape(-1, 2)
     if len(m) > max_lines:
@@ -244,16 +246,16 @@ def match_plots(run: dict) -> list[dict]:
             n0, n1 = by_id.get(id0), by_id.get(id1)
             if n0 is None or n1 is None:
                 continue
-            try:
-                img0, _ = read_image(image_dir / n0)
-                img1, _ = read_image(image_dir / n1)
+            try:  # read reduced: the plot is small
+                img0, r0 = read_image(image_dir / n0, max_size=4 * PLOT_HEIGHT)
+                img1, r1 = read_image(image_dir / n1, max_size=4 * PLOT_HEIGHT)
             except CdSfmError as e:
                 logger.info("Report: no match plot of %s / %s (%s)", n0, n1, e)
                 continue
             kp0 = np.asarray(db.read_keypoints(id0))[:, :2] - 0.5  # COLMAP -> OpenCV pixel convention
             kp1 = np.asarray(db.read_keypoints(id1))[:, :2] - 0.5
             m = np.asarray(db.read_two_view_geometry(id0, id1).inlier_matches)
-            plot = match_plot(img0, img1, kp0, kp1, m)
+            plot = match_plot(img0, img1, kp0, kp1, m, read_scales=(r0, r1))
             plots.append({"name0": n0, "name1": n1, "inliers": n, "shown": min(len(m), MAX_PLOT_LINES),
                           "src": _jpeg_data_uri(plot)})
     finally:

@@ -130,3 +130,32 @@ def test_report_in_headless_chromium(sift_run, tmp_path):
     assert 0.001 < lit.mean() < 0.5
     red = (view[..., 0] > 200) & (view[..., 1] < 140) & (view[..., 2] < 140)
     assert red.sum() > 20
+
+
+def test_report_of_a_run_without_model_or_images(sift_run, tmp_path):
+    """Nothing registered and the photos moved away: the page is still written, with what there is."""
+    import shutil
+
+    _, out, _ = sift_run
+    summary = json.loads((out / "summary.json").read_text())
+    summary.update(image_dir=str(tmp_path / "moved"), num_images_registered=0)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    shutil.copy(out / "database.db", tmp_path / "database.db")
+    st = write_report(tmp_path)
+    assert (st["num_points"], st["num_cameras"], st["num_plots"]) == (0, 0, 0)
+    page = (tmp_path / "report.html").read_text()
+    assert "Images (0 of 6 registered)" in page and page.count("not registered") == 6
+    assert "No verified pairs to draw" in page and (tmp_path / "overview.png").exists()
+
+
+def test_match_plot_puts_lines_on_the_keypoints():
+    from cd_sfm.report import match_plot
+
+    img = np.zeros((400, 600, 3), np.uint8)
+    kp = np.array([[100.0, 200.0]])
+    # the right image read at half size: its keypoint (original pixels) must still land on the same spot
+    plot = match_plot(img, img[::2, ::2], kp, kp, np.array([[0, 0]]), height=200, read_scales=(1.0, 0.5))
+    assert plot.shape == (200, 600, 3)
+    lit = np.argwhere(plot.max(axis=2) > 100)
+    assert lit[:, 1].min() <= 51 and lit[:, 1].max() >= 300 + 49  # x from ~50 (left) to ~350 (right image)
+    assert abs(lit[:, 0].mean() - 100) < 2  # y ~ 100 in both
