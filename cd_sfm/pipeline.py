@@ -485,10 +485,10 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
                    pairs_reused=mt["reused"], pairs_chosen=chosen.get("reason"),
                    precision=ex.get("precision") or _saved_precision(out_dir, conf))
     write_summary(out_dir, summary)
-    if report:
-        write_report(out_dir)
     logger.info("Registered %d / %d images in %.1f s; summary in %s", summary["num_images_registered"], len(used),
                 seconds["total"], out_dir / "summary.json")
+    if report:
+        write_report(out_dir)
     return summary
 
 
