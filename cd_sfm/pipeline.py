@@ -448,7 +448,10 @@ def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | N
     image_dir = check_image_dir(image_dir)
     out_dir = check_writable(out_dir)
     with output_lock(out_dir):
-        return _reconstruct(image_dir, out_dir, conf, overwrite, progress, t_start)
+        summary = _reconstruct(image_dir, out_dir, conf, overwrite, progress, t_start)
+        if report:
+            write_report(out_dir)
+        return summary
 
 
 def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, progress: bool, t_start: float) -> dict:
@@ -487,8 +490,6 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
     write_summary(out_dir, summary)
     logger.info("Registered %d / %d images in %.1f s; summary in %s", summary["num_images_registered"], len(used),
                 seconds["total"], out_dir / "summary.json")
-    if report:
-        write_report(out_dir)
     return summary
 
 

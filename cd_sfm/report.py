@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import CdSfmError, atomic_write_text
+from .io import CdSfmError, atomic_write_text, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -228,11 +228,22 @@ def match_plot(img0: np.ndarray, img1: np.ndarray, kp0: np.ndarray, kp1: np.ndar
     return canvas
 
 
+def stored_image(path: Path, max_size: int | None = None) -> tuple[np.ndarray, float]:
+    """The file's pixels as COLMAP reads them, RGB, reduced to ``max_size``: EXIF orientation is ignored, as the
+    keypoints of the database are in that frame. Returns ``(image, scale)`` as :func:`cd_sfm.images.read_image`."""
+    import cv2
+
+    from .images import read_image, resize_max
+
+    arr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None:  # a format OpenCV does not decode: the package's reader (these carry no EXIF rotation)
+        return read_image(path, max_size=max_size)
+    return resize_max(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB), max_size)
+
+
 def match_plots(run: dict) -> list[dict]:
     """Small JPEG plots of :func:`pick_pairs` (empty when the images or the database are not there)."""
     import pycolmap
-
-    from .images import read_image
 
     image_dir = Path(run["summary"].get("image_dir") or "")
     by_id = {d["image_id"]: n for n, d in run["db"]["images"].items()}
@@ -247,8 +258,8 @@ def match_plots(run: dict) -> list[dict]:
             if n0 is None or n1 is None:
                 continue
             try:  # read reduced: the plot is small
-                img0, r0 = read_image(image_dir / n0, max_size=4 * PLOT_HEIGHT)
-                img1, r1 = read_image(image_dir / n1, max_size=4 * PLOT_HEIGHT)
+                img0, r0 = stored_image(image_dir / n0, max_size=4 * PLOT_HEIGHT)
+                img1, r1 = stored_image(image_dir / n1, max_size=4 * PLOT_HEIGHT)
             except CdSfmError as e:
                 logger.info("Report: no match plot of %s / %s (%s)", n0, n1, e)
                 continue
@@ -535,12 +546,13 @@ def write_report(out_dir: str | Path, png: bool = True) -> dict:
     run = read_run(out_dir)
     plots = match_plots(run)
     page = out_dir / REPORT
-    atomic_write_text(page, render_html(run, plots))
     out = {"html": str(page), "num_points": int(len(run["xyz"])), "num_cameras": len(run["cameras"]),
            "num_plots": len(plots)}
-    if png:
-        render_overview(run, out_dir / OVERVIEW)
-        out["png"] = str(out_dir / OVERVIEW)
+    with output_lock(out_dir):  # re-entrant: the pipeline calls this holding it
+        atomic_write_text(page, render_html(run, plots))
+        if png:
+            render_overview(run, out_dir / OVERVIEW)
+            out["png"] = str(out_dir / OVERVIEW)
     logger.info("Report: %s%s", page, f" and {out_dir / OVERVIEW}" if png else "")
     return out
 

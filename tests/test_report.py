@@ -159,3 +159,20 @@ def test_match_plot_puts_lines_on_the_keypoints():
     lit = np.argwhere(plot.max(axis=2) > 100)
     assert lit[:, 1].min() <= 51 and lit[:, 1].max() >= 300 + 49  # x from ~50 (left) to ~350 (right image)
     assert abs(lit[:, 0].mean() - 100) < 2  # y ~ 100 in both
+
+
+def test_match_plots_use_the_stored_pixel_frame(tmp_path):
+    """Keypoints in the database are in the file's pixels (COLMAP ignores EXIF orientation): so are the plots."""
+    from cd_sfm.report import stored_image
+
+    pixels = np.zeros((60, 100, 3), np.uint8)
+    pixels[:, :50] = 255  # left half white in the stored frame
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    arr, scale = stored_image(tmp_path / "rot.jpg")
+    assert arr.shape == (60, 100, 3) and scale == 1.0
+    assert arr[:, :40].mean() > 200 and arr[:, 60:].mean() < 50
+    small, scale = stored_image(tmp_path / "rot.jpg", max_size=50)
+    assert small.shape == (30, 50, 3) and scale == 0.5

@@ -20,12 +20,13 @@ into place, so a killed export never leaves a half-written folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from ..io import CdSfmError
+from ..io import CdSfmError, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,15 @@ def export(kind: str, out_dir: str | Path, output: str | Path | None = None, ima
     if not out_dir.is_dir():
         raise CdSfmError(f"{out_dir}: output folder not found")
     output = Path(output) if output is not None else default_output(out_dir, kind)
+    inside = output.resolve().is_relative_to(out_dir.resolve())
+    with output_lock(out_dir) if inside else contextlib.nullcontext():  # not while a run rewrites the folder
+        stats = _export(kind, out_dir, output, image_dir, max_image_size)
+    stats.update(kind=kind, output=str(output))
+    logger.info("Exported %s into %s", kind, output)
+    return stats
+
+
+def _export(kind: str, out_dir: Path, output: Path, image_dir, max_image_size) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     if kind == "colmap3":
         from . import colmap3
@@ -113,6 +123,4 @@ def export(kind: str, out_dir: str | Path, output: str | Path | None = None, ima
             stats = nerfstudio.export(model_dir(out_dir), images, output, max_image_size=max_image_size)
         else:
             stats = undistort.export(kind, model_dir(out_dir), images, output, max_image_size=max_image_size)
-    stats.update(kind=kind, output=str(output))
-    logger.info("Exported %s into %s", kind, output)
     return stats
