@@ -4,7 +4,8 @@
 
     extract -> features.h5 -> pairs -> pairs.txt -> match -> matches.h5 -> database.db (+ verification) -> sparse/0
 
-and writes ``summary.json`` and ``config.yaml`` in ``out_dir``. Each stage is also a function here
+and writes ``summary.json``, ``config.yaml`` and the report (``report.html``, ``overview.png``: :mod:`cd_sfm.report`)
+in ``out_dir``. Each stage is also a function here
 (:func:`run_extract`, :func:`run_pairs`, :func:`run_match`, :func:`run_sfm`) that the CLI's stage subcommands call.
 
 Resume: extraction and matching skip what ``features.h5`` / ``matches.h5`` already hold (entries are written
