@@ -313,7 +313,9 @@ def facts(summary: dict) -> list[tuple[str, str]]:
         ("features", str(s.get("features")) + (f" (model {s['model']})" if s.get("model") else "")),
         ("precision", _fmt(prec, none="-")),
         ("pairs", f"{s.get('pairs')}: {s.get('num_pairs', 0)} pairs, {s.get('num_verified_pairs', 0)} verified"),
-        ("mapper", str(s.get("mapper"))),
+        ("mapper", str(s.get("mapper_used") or s.get("mapper"))
+         + (f" (agreement with the two-view geometries {s['mapping_agreement']:.2f})"
+            if isinstance(s.get("mapping_agreement"), (int, float)) else "")),
         ("Ray", "off" if not ray else ", ".join(f"{k} {v}" for k, v in ray.items()) if isinstance(ray, dict)
          else str(ray)),
     ]
