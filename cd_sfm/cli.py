@@ -8,12 +8,15 @@
     cd-sfm match OUT               matches.h5
     cd-sfm sfm IMAGES OUT          database.db, sparse/0, points.ply, summary.json
     cd-sfm demo OUT                render the bundled synthetic scene and reconstruct it
+    cd-sfm export OUT --to KIND    colmap3 | undistorted | gaussian-splatting | openmvs | nerfstudio -> OUT/export/KIND
+    cd-sfm report OUT              OUT/report.html and OUT/overview.png (also written by reconstruct and sfm)
 
 Settings: built-in defaults < ``--config`` preset (``cd_sfm/configs/NAME.yaml`` or a YAML path) < flags. The stage
 subcommands start from the ``config.yaml`` already in OUT (so a stage rerun keeps the settings of the run), then apply
 ``--config`` and flags. Errors in the input give one line on stderr and exit status 2.
 
-Hook points: other parts of the package add subcommands (``models``, ``train``, ``eval``, ``match-pair``) by providing
+Hook points: other parts of the package add subcommands (``models``, ``train``, ``eval``, ``match-pair``, ``export``,
+``report``) by providing
 the modules listed in :data:`EXTRA_COMMANDS`; each must define ``add_parser(subparsers)`` that registers its
 sub-parser with ``set_defaults(func=callable(args) -> int | None)``, and must not import TensorFlow at module level.
 """
@@ -43,6 +46,8 @@ EXTRA_COMMANDS: list[tuple[str, str]] = [
     ("train", "cd_sfm.train.cli"),  # mine patches and train the local / augmentation models
     ("eval", "cd_sfm.evaluation.cli"),  # HPatches MMA, relative pose AUC, SfM statistics
     ("match-pair", "cd_sfm.match_pair"),  # match two images and draw the matches
+    ("export", "cd_sfm.export.cli"),  # COLMAP 3.x database, undistorted / gaussian-splatting / openmvs / nerfstudio
+    ("report", "cd_sfm.report"),  # report.html + overview.png of an output folder
 ]
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -279,14 +284,14 @@ def cmd_sfm(args) -> int:
     with output_lock(args.out):
         out_dir = Path(args.out)
         conf = _stage_prepare(args, out_dir)
-        summary = sfm_stage(args.images, out_dir, conf)
+        summary = sfm_stage(args.images, out_dir, conf, progress=args.quiet == 0)
         print(format_summary(summary))
         return 0
 
 
 def cmd_demo(args) -> int:
     from .io import atomic_write_text
-    from .pipeline import check_writable, format_summary, reconstruct
+    from .pipeline import check_writable, format_summary, reconstruct, write_report
     from .synthetic import compare_to_ground_truth, render_scene
 
     out_dir = check_writable(args.out)
@@ -295,12 +300,14 @@ def cmd_demo(args) -> int:
     over.setdefault("camera_mode", "single")  # one camera rendered every image
     conf = config_mod.resolve(_merge(config_mod.load_config(args.config or "default"), over))
     _check_flags(args, conf)
-    summary = reconstruct(scene.image_dir, out_dir, conf, overwrite=args.overwrite, progress=args.quiet == 0)
+    summary = reconstruct(scene.image_dir, out_dir, conf, overwrite=args.overwrite, progress=args.quiet == 0,
+                          report=False)  # written below, with the ground truth
     cmp = {"aligned": False}
     if summary["num_images_registered"] >= 3:
         cmp = compare_to_ground_truth(out_dir / "sparse" / "0", scene.gt_dir)
     summary["ground_truth"] = cmp
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(out_dir)
     print(format_summary(summary))
     if cmp.get("aligned"):
         print(f"Against ground truth ({cmp['num_compared']} cameras): max rotation error "

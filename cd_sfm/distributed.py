@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
+from .progress import tqdm
 
 from .io import CdSfmError, H5Appender, completed_names, merge_parts
 
@@ -188,6 +188,9 @@ class ExtractWorker:
             if tmp:
                 Path(tmp).unlink(missing_ok=True)
 
+    def precision_used(self):
+        return getattr(self.backend, "precision_used", None)
+
 
 def _image_names(image_dir: Path, image_list, skipped: dict[str, str]) -> list[str]:
     from .images import list_images
@@ -216,13 +219,14 @@ def extract(conf: dict | str, image_dir: str | Path, feature_path: str | Path, i
     done = set() if overwrite else completed_names(feature_path)
     todo = [n for n in names if n not in done]
     reused = len(names) - len(todo)
-    extracted, no_keypoints = 0, []
+    extracted, no_keypoints, precision = 0, [], None
     if todo:
         ray = init(rconf)
         n = _num_workers(ray, rconf, len(todo))
         logger.info("Extracting %s features of %d image(s) with %d Ray worker(s)", conf["backend"], len(todo), n)
         Worker = _actor_class(ray, ExtractWorker, rconf)
         actors = [Worker.remote(conf) for _ in range(n)]
+        precision = ray.get(actors[0].precision_used.remote())
 
         def tasks():
             for name in todo:
@@ -257,7 +261,7 @@ def extract(conf: dict | str, image_dir: str | Path, feature_path: str | Path, i
     else:
         merge_parts(feature_path)
     stats = {"extracted": extracted, "reused": reused, "skipped": skipped, "no_keypoints": no_keypoints,
-             "seconds": time.monotonic() - t0, "feature_path": str(feature_path)}
+             "seconds": time.monotonic() - t0, "feature_path": str(feature_path), "precision": precision}
     logger.info("Features (Ray): %d extracted, %d reused, %d skipped (%.1f s)", extracted, reused, len(skipped),
                 stats["seconds"])
     return stats

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
-from tqdm import tqdm
+from .progress import tqdm
 
 from .io import CdSfmError, H5Appender, completed_names, read_npz
 

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import h5py
 import numpy as np
-from tqdm import tqdm
+from .progress import tqdm
 
 from .io import CdSfmError, H5Appender, completed_names, list_h5_names, merge_parts, names_to_pair, \
     names_to_pair_old, parse_pairs

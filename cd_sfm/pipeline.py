@@ -4,7 +4,8 @@
 
     extract -> features.h5 -> pairs -> pairs.txt -> match -> matches.h5 -> database.db (+ verification) -> sparse/0
 
-and writes ``summary.json`` and ``config.yaml`` in ``out_dir``. Each stage is also a function here
+and writes ``summary.json``, ``config.yaml`` and the report (``report.html``, ``overview.png``: :mod:`cd_sfm.report`)
+in ``out_dir``. Each stage is also a function here
 (:func:`run_extract`, :func:`run_pairs`, :func:`run_match`, :func:`run_sfm`) that the CLI's stage subcommands call.
 
 Resume: extraction and matching skip what ``features.h5`` / ``matches.h5`` already hold (entries are written
@@ -397,8 +398,10 @@ def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress
 
 
 @locked
-def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[str] | None = None) -> dict:
-    """Database (with two-view geometries) and mapping; returns the database and mapping stats and timings."""
+def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[str] | None = None,
+            progress: bool = False) -> dict:
+    """Database (with two-view geometries) and mapping; returns the database and mapping stats and timings.
+    ``progress``: a bar of registered images while mapping."""
     from .colmap import database, mapping, quiet_colmap
 
     quiet_colmap()
@@ -423,7 +426,7 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
                                    "seed": conf.get("seed"), "retries": conf.get("mapping_retries", 1),
                                    "fallback": conf.get("mapping_fallback", True),
                                    "fallback_options": conf.get(f"{other}_options") or {} if other else {}},
-                                  out_dir / DATABASE, image_dir, out_dir)
+                                  out_dir / DATABASE, image_dir, out_dir, progress=progress)
     seconds["mapping"] = time.perf_counter() - t
     return {"database": db_stats, "mapping": map_stats, "seconds": seconds, "reconstruction": rec}
 
@@ -433,8 +436,9 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
 
 
 def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | None = None, overwrite: bool = False,
-                progress: bool = True) -> dict:
-    """Run every stage; returns the summary (also written to ``out_dir/summary.json``).
+                progress: bool = True, report: bool = True) -> dict:
+    """Run every stage; returns the summary (also written to ``out_dir/summary.json``) and, with ``report``,
+    ``report.html`` / ``overview.png`` (:mod:`cd_sfm.report`).
 
     ``conf``: a config dict (partial: the rest from :data:`cd_sfm.config.DEFAULTS`), a preset name or a YAML path.
     Raises :class:`CdSfmError` for bad input: missing image folder, output folder not writable (checked first),
@@ -445,7 +449,10 @@ def reconstruct(image_dir: str | Path, out_dir: str | Path, conf: dict | str | N
     image_dir = check_image_dir(image_dir)
     out_dir = check_writable(out_dir)
     with output_lock(out_dir):
-        return _reconstruct(image_dir, out_dir, conf, overwrite, progress, t_start)
+        summary = _reconstruct(image_dir, out_dir, conf, overwrite, progress, t_start)
+        if report:
+            write_report(out_dir)
+        return summary
 
 
 def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, progress: bool, t_start: float) -> dict:
@@ -473,13 +480,14 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
         mt = run_match(out_dir, conf, overwrite=overwrite, progress=progress)
         seconds["match"] = time.perf_counter() - t
 
-    sfm = run_sfm(image_dir, out_dir, conf, names=used)
+    sfm = run_sfm(image_dir, out_dir, conf, names=used, progress=progress)
     seconds.update(sfm["seconds"])
     seconds["total"] = time.perf_counter() - t_start
 
     summary = make_summary(image_dir, out_dir, conf, ex["found"], used, skipped, sfm, seconds, num_pairs=len(pairs))
     summary.update(features_extracted=ex["extracted"], features_reused=ex["reused"], pairs_matched=mt["matched"],
-                   pairs_reused=mt["reused"], pairs_chosen=chosen.get("reason"))
+                   pairs_reused=mt["reused"], pairs_chosen=chosen.get("reason"),
+                   precision=ex.get("precision") or _saved_precision(out_dir, conf))
     write_summary(out_dir, summary)
     logger.info("Registered %d / %d images in %.1f s; summary in %s", summary["num_images_registered"], len(used),
                 seconds["total"], out_dir / "summary.json")
@@ -514,8 +522,37 @@ def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], u
         "mapper_used": ms.get("mapper", conf["mapper"]),
         "mapping_agreement": ms.get("agreement"),
         "mapping_tried": ms.get("tried", []),
+        "ray": ray_setting(conf),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+
+
+def ray_setting(conf: dict) -> dict | None:
+    """The Ray setting of a run for its summary: None (in process) or the address and the options given."""
+    if conf.get("ray") is None or conf.get("ray") is False:
+        return None
+    return {"address": str(conf["ray"]), **(conf.get("ray_options") or {})}
+
+
+def _saved_precision(out_dir: Path, conf: dict) -> dict | None:
+    """The ContextDesc precision recorded by the run that extracted the features (a resumed run extracts nothing,
+    and the features of the folder were made with the same settings: :func:`check_not_stale`)."""
+    if not uses_contextdesc(conf):
+        return None
+    try:
+        return json.loads((Path(out_dir) / "summary.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        return None
+
+
+def write_report(out_dir: Path) -> None:
+    """``report.html`` and ``overview.png`` of a finished run; a failure there is a warning, never a failed run."""
+    try:
+        from .report import write_report as write
+
+        write(out_dir)
+    except Exception as e:  # noqa: BLE001 - the report only shows results that are already on disk
+        logger.warning("Report not written: %s", e)
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
@@ -523,9 +560,10 @@ def write_summary(out_dir: Path, summary: dict) -> None:
 
 
 @locked
-def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict) -> dict:
+def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict, progress: bool = True,
+              report: bool = True) -> dict:
     """The ``sfm`` subcommand: database, verification and mapping from the files already in ``out_dir``, with a
-    summary (without the extraction / matching counts, which belong to their stages)."""
+    summary (without the extraction / matching counts, which belong to their stages) and the report."""
     from .images import list_images
 
     t_start = time.perf_counter()
@@ -541,10 +579,13 @@ def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict) -> dict:
     used = [n for n in found if n not in skipped]
     if len(used) < 2:
         raise CdSfmError(f"{out_dir / FEATURES}: features of {len(used)} image(s) of {image_dir}, need at least 2")
-    sfm = run_sfm(image_dir, out_dir, conf, names=used)
+    sfm = run_sfm(image_dir, out_dir, conf, names=used, progress=progress)
     seconds = {**sfm["seconds"], "total": time.perf_counter() - t_start}
     summary = make_summary(image_dir, out_dir, conf, found, used, skipped, sfm, seconds)
+    summary["precision"] = _saved_precision(out_dir, conf)
     write_summary(out_dir, summary)
+    if report:
+        write_report(out_dir)
     return summary
 
 

@@ -42,7 +42,7 @@ def test_help_and_hooks():
                  "--config", "--verbose", "--quiet", "--model", "--no-augment", "--retrieval", "--num-neighbors",
                  "--ray", "hierarchical"):
         assert flag in p.stdout
-    assert [c for c, _ in cli.EXTRA_COMMANDS] == ["models", "train", "eval", "match-pair"]
+    assert [c for c, _ in cli.EXTRA_COMMANDS] == ["models", "train", "eval", "match-pair", "export", "report"]
 
 
 def test_errors_are_one_line_with_status_2(tmp_path, scene):

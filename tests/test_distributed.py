@@ -113,6 +113,10 @@ def test_pipeline_with_ray_equals_in_process(ray_cluster, scene, tmp_path):
     assert_same_h5(tmp_path / "ref" / "features.h5", tmp_path / "ray" / "features.h5")
     assert_same_h5(tmp_path / "ref" / "matches.h5", tmp_path / "ray" / "matches.h5")
     assert dist["num_images_registered"] == ref["num_images_registered"]
+    # the summary says how it ran: the Ray setting, and the precision the workers' networks settled on
+    assert ref["ray"] is None and dist["ray"] == {"address": "auto", "num_workers": 2, "match_batch": 2}
+    for s in (ref, dist):  # (auto may time int8 against float in each process: equal choices are not promised)
+        assert s["precision"]["local"] in ("int8", "bf16", "fp32") and "augment" in s["precision"]
     assert ray_cluster.is_initialized()
 
 

@@ -101,8 +101,25 @@ def model_stats(rec) -> dict:
     }
 
 
-def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path, tmp: Path) -> list:
-    """One run of the mapper; returns its models, largest first."""
+def _registration_bar(total: int, progress: bool):
+    """A progress bar of registered images and the two incremental-mapping callbacks that advance it (the initial
+    pair registers two images, each next image one; a second model counts on, so the total grows if needed)."""
+    from ..progress import tqdm
+
+    bar = tqdm(total=max(int(total), 1), desc="mapping", unit="img", disable=not progress)
+
+    def advance(k: int) -> None:
+        if bar.total is not None and bar.n + k > bar.total:
+            bar.total = bar.n + k
+        bar.update(k)
+
+    return bar, (lambda: advance(2)), (lambda: advance(1))
+
+
+def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path, tmp: Path,
+              num_images: int = 0, progress: bool = False) -> list:
+    """One run of the mapper; returns its models, largest first. ``progress``: a bar of registered images
+    (incremental mapper only: the others have no callbacks)."""
     import pycolmap
 
     opts = pipeline_options({**conf, "seed": seed})
@@ -112,7 +129,11 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     tmp.mkdir(parents=True)
     try:
         if conf["mapper"] == "incremental":
-            models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts)
+            bar, on_pair, on_next = _registration_bar(num_images, progress)
+            with bar:
+                models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts,
+                                                      initial_image_pair_callback=on_pair,
+                                                      next_image_callback=on_next)
         elif conf["mapper"] == "hierarchical":
             opts.image_path = str(image_dir)
             models = pycolmap.hierarchical_mapping(str(database_path), str(image_dir), str(tmp), opts)
@@ -123,12 +144,13 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     return sorted(dict(models or {}).values(), key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
 
 
-def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path) -> dict:
+def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path, num_images: int = 0,
+             progress: bool = False) -> dict:
     """One mapping run and what judges it: registered images and points of its largest model, and that model's
     agreement with the verified two-view geometries (:mod:`.consistency`)."""
     from .consistency import agreement
 
-    models = _map_once(conf, seed, database_path, image_dir, tmp)
+    models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress)
     best = models[0] if models else None
     ag = agreement(best, database_path)
     return {"mapper": conf["mapper"], "seed": seed, "registered": best.num_reg_images() if best else 0,
@@ -193,8 +215,10 @@ def _num_connected_images(database_path: Path, min_inliers: int) -> int:
     return max(sizes.values(), default=0)
 
 
-def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path) -> tuple:
+def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path,
+         progress: bool = False) -> tuple:
     """Map ``database_path``; returns ``(reconstruction or None, stats)``. See the module docstring for outputs.
+    ``progress``: a progress bar of registered images (incremental mapping).
 
     ``conf["retries"]``: when the largest model leaves out images that have verified pairs, map again up to this many
     times with the next seeds and keep the attempt whose largest model registers the most images (then has the most
@@ -218,7 +242,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     tried: list[dict] = []
     for attempt in range(retries + 1):
         s = seed + attempt if seed >= 0 else -1
-        tried.append(_attempt(conf, s, database_path, image_dir, tmp))
+        tried.append(_attempt(conf, s, database_path, image_dir, tmp, num_images, progress))
         if _complete(tried[-1], num_images):
             break
         if attempt < retries:
@@ -231,7 +255,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         logger.info("The %s mapper registered %d of %d images%s; trying the %s mapper", conf["mapper"],
                     best_now["registered"], num_images, "" if _trusted(best_now) else " (model not trusted)", other)
         tried.append(_attempt({**conf, "mapper": other, "options": conf.get("fallback_options") or {}}, seed,
-                              database_path, image_dir, tmp))
+                              database_path, image_dir, tmp, num_images, progress))
     chosen = _choose(tried)
     ranked = chosen["models"]
     if len(tried) > 1:

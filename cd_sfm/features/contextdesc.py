@@ -154,6 +154,12 @@ class ContextDescBackend:
             b["augment"] = lambda: build_augment_model(visual=visual, interp=interp)
         return b
 
+    @property
+    def precision_used(self) -> dict:
+        """The precision each network runs in, e.g. ``{"local": "int8", "augment": "bf16"}`` (after ``auto``)."""
+        r = self.runner
+        return {k: r.precision if k == "local" else r.float_precision for k in r.models}
+
     @contextlib.contextmanager
     def concurrent(self, n: int):
         """Inside the block ``extract`` runs in ``n`` threads at once (``features.extract`` with ``parallel_images``):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..images import exif_orientation, list_images, read_image, resize_max, upright_to_stored
 from ..io import ATTRS_KEY, CdSfmError, H5Appender, check_file_settings, completed_names, entry_attrs, \
@@ -261,9 +261,11 @@ def main(
 
     extracted = 0
     no_keypoints: list[str] = []
+    precision = None
     if todo:
         if backend is None:
             backend = make_backend(conf)
+        precision = getattr(backend, "precision_used", None)  # ContextDesc: the precision auto settled on
         # backends that extract several images at once: thread-safe ``extract``, ``parallel_images`` > 1 and a
         # ``concurrent(n)`` context that shares the cores between n images (ContextDesc's int8 path)
         workers = max(1, int(getattr(backend, "parallel_images", 1) or 1))
@@ -304,6 +306,7 @@ def main(
         "no_keypoints": no_keypoints,
         "seconds": time.monotonic() - t0,
         "feature_path": str(feature_path),
+        "precision": precision,
     }
     logger.info("Features: %d extracted, %d reused, %d skipped (%.1f s)", extracted, reused, len(skipped),
                 stats["seconds"])

@@ -226,6 +226,7 @@ class ContextDescRunner:
         self.models = dict(models)
         # the float models: bf16 when asked, and beside the int8 local model where the CPU computes bf16 natively
         float_bf16 = self.precision == "bf16" or self.precision == "int8" and bf16_support() is not None
+        self.float_precision = "bf16" if float_bf16 else "fp32"  # the networks other than an int8 local one
         policy = "mixed_bfloat16" if float_bf16 else None
         builders = builders or {}
         for key, model in list(self.models.items()):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..io import CdSfmError, write_pairs
 
