@@ -17,26 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _skew(t: np.ndarray) -> np.ndarray:
-    x, y, z = t
-    return np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]], np.float64)
+from ..geometry import sampson_distance, skew
 
 
 def _pose(image):
     p = image.cam_from_world
     return p() if callable(p) else p
-
-
-def sampson_px(x1: np.ndarray, x2: np.ndarray, E: np.ndarray, focal: float) -> np.ndarray:
-    """Sampson distances (pixels) of normalised correspondences ``x1`` -> ``x2`` (N, 2) under ``E``."""
-    h1 = np.c_[x1, np.ones(len(x1))]
-    h2 = np.c_[x2, np.ones(len(x2))]
-    Ex1 = h1 @ E.T
-    Etx2 = h2 @ E
-    num = np.sum(h2 * Ex1, axis=1) ** 2
-    den = Ex1[:, 0] ** 2 + Ex1[:, 1] ** 2 + Etx2[:, 0] ** 2 + Etx2[:, 1] ** 2
-    return np.sqrt(num / np.maximum(den, 1e-300)) * focal
 
 
 def agreement(rec, database_path, threshold_px: float = 4.0, max_pairs: int = 3000, seed: int = 0) -> dict:
@@ -71,11 +57,11 @@ def agreement(rec, database_path, threshold_px: float = 4.0, max_pairs: int = 30
         t = np.asarray(rel.translation, np.float64)
         if np.linalg.norm(t) < 1e-12:
             continue
-        E = _skew(t / np.linalg.norm(t)) @ R
+        E = skew(t / np.linalg.norm(t)) @ R
         x1 = np.asarray(ca.cam_from_img(kps[a][inl[:, 0]]), np.float64)
         x2 = np.asarray(cb.cam_from_img(kps[b][inl[:, 1]]), np.float64)
         focal = 0.5 * (float(np.mean(ca.focal_length_x)) + float(np.mean(cb.focal_length_x)))
-        err = sampson_px(x1, x2, E, focal)
+        err = sampson_distance(E, x1, x2) * focal
         shares.append(float(np.mean(err <= threshold_px)))
     if not shares:
         return out

@@ -33,9 +33,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from .. import geometry
+from ..geometry import fundamental_from_pose, sampson_distance
 from ..io import CdSfmError
 
 logger = logging.getLogger(__name__)
+skew = geometry.skew  # this module's name for it before cd_sfm.geometry existed
 
 AUC_THRESHOLDS = (5, 10, 20)
 DEFAULT_SCENES = ("strecha_entry-P10_half", "middlebury_templeSparseRing")
@@ -104,29 +107,6 @@ def pose_auc(errors, thresholds=AUC_THRESHOLDS) -> list[float]:
         e = np.r_[errors[:last], t]
         aucs.append(float(np.trapezoid(r, x=e) / t))
     return aucs
-
-
-def skew(v) -> np.ndarray:
-    x, y, z = np.asarray(v, np.float64).ravel()
-    return np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
-
-
-def fundamental_from_pose(K0, K1, R, t) -> np.ndarray:
-    E = skew(t) @ R
-    return np.linalg.inv(K1).T @ E @ np.linalg.inv(K0)
-
-
-def sampson_distance(F, x0, x1) -> np.ndarray:
-    """Sampson distance in pixels of correspondences (N, 2) to x1^T F x0 = 0."""
-    if len(x0) == 0:
-        return np.zeros(0)
-    h0 = np.concatenate([x0, np.ones((len(x0), 1))], 1)
-    h1 = np.concatenate([x1, np.ones((len(x1), 1))], 1)
-    Fx0 = h0 @ F.T
-    Ftx1 = h1 @ F
-    num = np.sum(h1 * Fx0, 1) ** 2
-    den = Fx0[:, 0] ** 2 + Fx0[:, 1] ** 2 + Ftx1[:, 0] ** 2 + Ftx1[:, 1] ** 2
-    return np.sqrt(num / np.maximum(den, 1e-30))
 
 
 def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999, seed: int = 0):

@@ -163,6 +163,7 @@ class _Writer:
         c("img_size", (2,), np.int32, 256)
         c("matches", (2,), np.int32, 4096)
         c("H", (3, 3), np.float64, 64)
+        c("F", (3, 3), np.float64, 64)
         c("pair_image", (), np.int32, 256)
         c("is_val", (), bool, 256)
         self.img_offset = [0]
@@ -186,7 +187,9 @@ class _Writer:
             self.img_offset.append(self.img_offset[-1] + len(kp["keypoints"]))
         self._append("matches", pair["matches"])
         self.match_offset.append(self.match_offset[-1] + len(pair["matches"]))
-        self._append("H", pair["H"][None])
+        nan = np.full((3, 3), np.nan)
+        self._append("H", np.asarray(pair.get("H", nan), np.float64)[None])
+        self._append("F", np.asarray(pair.get("F", nan), np.float64)[None])
         self._append("pair_image", np.array([image_index], np.int32))
         self._append("is_val", np.array([is_val]))
 
@@ -250,9 +253,14 @@ def mine_pairs(images, out_path, local_weights="cd-sfm-v1", conf: PairMineConf =
             "path": str(out_path)}
 
 
-def read_pairs(path: str | Path, which: str = "all", patches: bool = False) -> dict:
-    """Load a pair file into memory: per pair a dict with ``feat`` (2 arrays), ``mb``, ``xy`` (normalised),
-    ``kpts``, ``matches``, ``H``, ``is_val``, and ``patches`` when asked. ``which``: all | train | val."""
+def read_pairs(path, which: str = "all", patches: bool = False) -> dict:
+    """Load a pair file (or a list of them, concatenated) into memory: per pair a dict with ``feat`` (2 arrays),
+    ``mb``, ``xy`` (normalised), ``kpts``, ``matches``, ``H`` (homography pairs) or ``F`` (SfM pairs: the fundamental
+    matrix of the model's poses; the other is NaN), ``is_val``, and ``patches`` when asked. ``which``: all | train |
+    val. The attributes are those of the first file."""
+    if isinstance(path, (list, tuple)):
+        parts = [read_pairs(p, which, patches) for p in path]
+        return {"pairs": [q for part in parts for q in part["pairs"]], "attrs": parts[0]["attrs"]}
     path = Path(path)
     with open_h5(path, ("feat", "matches", "img_offset", "match_offset"), "mined pair file",
                  "pair data not found (build it with 'cd-sfm train mine-pairs')") as f:
@@ -260,10 +268,11 @@ def read_pairs(path: str | Path, which: str = "all", patches: bool = False) -> d
         is_val = f["is_val"][()]
         sel = {"all": np.arange(len(is_val)), "train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val)}[which]
         data = {k: f[k][()] for k in ("kpts", "feat", "mb", "img_size", "matches", "H", "pair_image")}
+        data["F"] = f["F"][()] if "F" in f else np.full((len(is_val), 3, 3), np.nan)
         attrs = {k: f.attrs[k] for k in f.attrs}
         pairs = []
         for p in sel:
-            item = {"H": data["H"][p], "matches": data["matches"][mo[p] : mo[p + 1]], "is_val": bool(is_val[p]),
+            item = {"H": data["H"][p], "F": data["F"][p], "matches": data["matches"][mo[p] : mo[p + 1]], "is_val": bool(is_val[p]),
                     "image": int(data["pair_image"][p]), "feat": [], "mb": [], "xy": [], "kpts": [], "patches": []}
             for s in (2 * p, 2 * p + 1):
                 a, b = io[s], io[s + 1]
@@ -278,6 +287,141 @@ def read_pairs(path: str | Path, which: str = "all", patches: bool = False) -> d
                     item["patches"].append(f["patches"][a:b])
             pairs.append(item)
     return {"pairs": pairs, "attrs": attrs}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# image pairs of SfM reconstructions (real viewpoint change)
+
+
+@dataclass
+class SfmPairConf:
+    max_keypoints: int = 4096  # the largest keypoints of an image (its whole set at inference is of this order)
+    min_common: int = 60  # co-visible 3D points of a pair
+    pairs_per_scene: int = 16  # training pairs per reconstruction at most
+    val_pairs_per_scene: int = 4
+    seed: int = 0
+
+
+def _sfm_pair_geometry(rec, a: int, b: int) -> np.ndarray:
+    """F of images ``a`` -> ``b`` of a pycolmap model, for keypoints in OpenCV pixels (COLMAP's are +0.5)."""
+    from ..geometry import fundamental_from_pose
+
+    ia, ib = rec.images[a], rec.images[b]
+    pa, pb = ia.cam_from_world(), ib.cam_from_world()
+    rel = pb * pa.inverse()
+    Ka = rec.cameras[ia.camera_id].calibration_matrix()
+    Kb = rec.cameras[ib.camera_id].calibration_matrix()
+    F = fundamental_from_pose(Ka, Kb, np.asarray(rel.rotation.matrix()), np.asarray(rel.translation))
+    S = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+    return S.T @ F @ S
+
+
+def sfm_scene_pairs(work_dir: Path, val_names: set, conf: SfmPairConf) -> list[dict]:
+    """Image pairs of one reconstruction work folder (``cd-sfm train mine --work-dir``: ``summary.json``,
+    ``features.h5``, ``sparse/*``): every keypoint of both images (the ``max_keypoints`` largest), ground truth =
+    keypoints of the same 3D point, F from the model's poses. A pair with a held-out image (``val_names``: full
+    paths) is a validation pair; training pairs have none."""
+    import pycolmap
+
+    summary = json.loads((work_dir / "summary.json").read_text())
+    image_dir = Path(summary["image_dir"])
+    rng = np.random.default_rng(_seed_for(conf.seed + 2000, work_dir.name))
+    out = []
+    for model_dir in sorted((work_dir / "sparse").glob("[0-9]*")):
+        rec = pycolmap.Reconstruction(str(model_dir))
+        ids = sorted(rec.reg_image_ids())
+        tracks = {}
+        for i in ids:
+            pts = rec.images[i].points2D
+            tracks[i] = np.array([p.point3D_id if p.has_point3D() else -1 for p in pts], np.int64)
+        cand = []
+        for x in range(len(ids)):
+            for y in range(x + 1, len(ids)):
+                a, b = ids[x], ids[y]
+                ta, tb = tracks[a], tracks[b]
+                common = len(np.intersect1d(ta[ta >= 0], tb[tb >= 0]))
+                if common >= conf.min_common:
+                    na, nb = (str(image_dir / rec.images[k].name) for k in (a, b))
+                    cand.append((a, b, common, na in val_names or nb in val_names))
+        for val in (False, True):
+            c = [t for t in cand if t[3] == val]
+            k = min(len(c), conf.val_pairs_per_scene if val else conf.pairs_per_scene)
+            if k:
+                w = np.array([t[2] for t in c], np.float64)
+                pick = rng.choice(len(c), k, replace=False, p=w / w.sum())
+                out += [{"rec": rec, "a": c[i][0], "b": c[i][1], "is_val": val, "tracks": tracks,
+                         "image_dir": image_dir, "features": work_dir / "features.h5"} for i in sorted(pick)]
+    return out
+
+
+def _sfm_side(pair: dict, which: str, conf: SfmPairConf, cache: dict) -> dict:
+    """Keypoints (the largest ``max_keypoints``), their patches and track ids of one image of an SfM pair."""
+    from .homography import load_gray
+
+    rec = pair["rec"]
+    iid = pair[which]
+    name = rec.images[iid].name
+    key = (str(pair["features"]), name)
+    if key not in cache:
+        with h5py.File(pair["features"], "r") as f:
+            g = f[name]
+            kp, sc = g["keypoints"][()].astype(np.float32), g["scales"][()].astype(np.float32)
+            ang = np.mod(np.rad2deg(g["orientations"][()].astype(np.float32)), 360.0)
+            size = g["image_size"][()].astype(np.int32)
+            stored = int(g.attrs.get("exif_orientation", 1)) != 1
+        keep = np.sort(np.argsort(-sc, kind="stable")[: conf.max_keypoints])
+        gray = load_gray(pair["image_dir"] / name, max_size=10**6, stored_pixels=stored)
+        h, w = gray.shape
+        s = np.array([w / size[0], h / size[1]], np.float32)
+        xy = (kp[keep] + 0.5) * s - 0.5
+        patches = extract_patches(gray, xy, sc[keep] * float(s.mean()), ang[keep], standardize=False)
+        cache.clear()  # one image at a time is enough: pairs of a scene come together
+        cache[key] = {"keypoints": kp[keep], "scales": sc[keep], "angles": ang[keep], "size": size,
+                      "patches": np.clip(np.round(patches), 0, 255).astype(np.uint8), "keep": keep}
+    side = dict(cache[key])
+    side["track"] = pair["tracks"][iid][side["keep"]]
+    return side
+
+
+def mine_sfm_pairs(work_dirs, out_path, local_weights, val_names, conf: SfmPairConf = SfmPairConf()) -> dict:
+    """Pairs of SfM reconstructions (see :func:`sfm_scene_pairs`) in the layout of :func:`mine_pairs` (``F`` set,
+    ``H`` NaN), described with the frozen ``local_weights``; written to a ``.part`` file renamed when complete."""
+    runner = load_local_runner(local_weights)
+    pairs = [p for d in work_dirs for p in sfm_scene_pairs(Path(d), set(val_names), conf)]
+    if not pairs:
+        raise CdSfmError("mine-sfm-pairs: no image pairs with enough co-visible 3D points")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".part")
+    names, n_matches, cache = [], 0, {}
+    with h5py.File(tmp, "w") as f:
+        wr = _Writer(f)
+        for p in tqdm(pairs, desc="mine sfm pairs", unit="pair"):
+            sides = [_sfm_side(p, "a", conf, cache), _sfm_side(p, "b", conf, cache)]
+            ta, tb = sides[0]["track"], sides[1]["track"]
+            common, ia, ib = np.intersect1d(ta, tb, assume_unique=False, return_indices=True)
+            ok = common >= 0
+            matches = np.stack([ia[ok], ib[ok]], -1).astype(np.int32)
+            feats, mbs = [], []
+            for sd in sides:
+                feat, mb = runner.local(sd["patches"].astype(np.float32))
+                feats.append(feat)
+                mbs.append(mb)
+            names.append(str(p["image_dir"] / p["rec"].images[p["a"]].name))
+            wr.add({"images": sides, "matches": matches, "F": _sfm_pair_geometry(p["rec"], p["a"], p["b"])},
+                   feats, mbs, len(names) - 1, p["is_val"])
+            n_matches += len(matches)
+        wr.close()
+        f.attrs["image_names"] = json.dumps(names)
+        f.attrs["val_images"] = json.dumps(sorted(set(val_names)))
+        f.attrs["conf"] = json.dumps(asdict(conf))
+        f.attrs["local_model"] = str(local_weights)
+        f.attrs["source"] = "sfm_pairs"
+    tmp.replace(out_path)
+    n_val = sum(p["is_val"] for p in pairs)
+    logger.info("mined %d SfM pairs (%d validation, %d correspondences) into %s", len(pairs), n_val, n_matches,
+                out_path)
+    return {"pairs": len(pairs), "val_pairs": n_val, "matches": n_matches, "path": str(out_path)}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -306,6 +306,7 @@ def _l2n(x):
 
 def pair_metrics(d0: np.ndarray, d1: np.ndarray, pair: dict) -> dict:
     """top-1 among the ground-truth correspondences; correct mutual NN over the whole sets (error < 3 px)."""
+    from ..geometry import sampson_distance
     from .homography import warp_points
 
     m = pair["matches"]
@@ -319,7 +320,10 @@ def pair_metrics(d0: np.ndarray, d1: np.ndarray, pair: dict) -> dict:
     nn01, nn10 = sim.argmax(1), sim.argmax(0)
     i = np.flatnonzero(nn10[nn01] == np.arange(len(d0)))
     j = nn01[i]
-    err = np.linalg.norm(warp_points(pair["H"], pair["kpts"][0][i]) - pair["kpts"][1][j], axis=1)
+    if np.isfinite(pair["H"]).all():
+        err = np.linalg.norm(warp_points(pair["H"], pair["kpts"][0][i]) - pair["kpts"][1][j], axis=1)
+    else:  # an SfM pair: distance to the epipolar line of the model's poses (Sampson, pixels)
+        err = sampson_distance(pair["F"], pair["kpts"][0][i], pair["kpts"][1][j])
     correct = int(np.sum(err < CORRECT_PX))
     return {"top1": float(top1), "mnn": correct, "prec": correct / max(len(i), 1)}
 
