@@ -325,3 +325,25 @@ def test_shared_arcolmap_frame():
     same = (tree.query(P * s - 0.5)[0] < 0.5).mean()
     turned = (tree.query((np.array([4032, 3024]) - P) * s - 0.5)[0] < 0.5).mean()
     assert same > 0.1 and turned < 0.02, (same, turned)
+
+
+def test_default_scenes_from_split(tmp_path, caplog):
+    """eval pairs: EVAL scenes with readable, usable ground truth; eval sfm: every multi-view EVAL scene."""
+    from cd_sfm.evaluation import scenes as S
+
+    data = tmp_path / "data"
+    for name, posed in (("more/posed", True), ("more/bad_gt", True), ("noposes", False)):
+        names = _scene(data / name, 2)
+        if posed:
+            _kapture(data / name, names, _cameras(2))
+    (data / "hp" / "v_seq").mkdir(parents=True)  # HPatches-like: no images/
+    split = tmp_path / "split.yaml"
+    split.write_text("eval:\n  - hp\n  - more/posed\n  - more/bad_gt\n  - noposes\n  - more/absent\n"
+                     "gt_unusable:\n  more/bad_gt: poses do not fit\n")
+    with caplog.at_level(logging.WARNING, logger="cd_sfm"):
+        assert S.pose_scenes(data, split) == [data / "more/posed"]
+    assert "more/absent not found" in caplog.text
+    assert S.sfm_scenes(data, split) == [data / "more/posed", data / "more/bad_gt", data / "noposes"]
+    assert S.unusable_gt(split) == {"more/bad_gt": "poses do not fit"}
+    with pytest.raises(CdSfmError, match="none of the EVAL scenes"):
+        S.pose_scenes(tmp_path / "empty", split)
