@@ -88,7 +88,8 @@ def test_colmap_text_and_binary(tmp_path):
     rows = ["# images"]
     for i, (R, t) in enumerate(poses):
         q = _quat(R)
-        rows += [f"{i + 1} {' '.join(map(repr, map(float, q)))} {' '.join(map(repr, map(float, t)))} 1 {Path(names[i]).stem}.JPG", ""]
+        vals = " ".join(repr(float(x)) for x in [*q, *t])
+        rows += [f"{i + 1} {vals} 1 {Path(names[i]).stem}.JPG", ""]
     (tmp_path / "gt" / "images.txt").write_text("\n".join(rows) + "\n")
     assert G.detect_format(tmp_path)[0] == "colmap"
     truth = {n: (cam, R, t) for n, (R, t) in zip(names, poses)}

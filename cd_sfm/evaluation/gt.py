@@ -64,7 +64,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,8 @@ def _view(im: StoredImage, cam, R, t, source: Path, given_size: tuple[int, int] 
     K[1, 2] -= 0.5
     R = np.asarray(R, np.float64)
     if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
-        raise CdSfmError(f"{source}: {im.name}: the ground-truth rotation is not a rotation (det {np.linalg.det(R):.3f})")
+        raise CdSfmError(f"{source}: {im.name}: the ground-truth rotation is not a rotation "
+                         f"(det {np.linalg.det(R):.3f})")
     return GTView(im.name, K, R, np.asarray(t, np.float64).ravel(), im.size, cam, (sx, sy))
 
 
@@ -212,10 +213,11 @@ def _pose_from_c2w(c2w) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _qvec_to_rotmat(q) -> np.ndarray:
+    """Rotation matrix of a quaternion (w, x, y, z), normalised."""
+    import pycolmap
+
     w, x, y, z = np.asarray(q, np.float64) / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+    return np.array(pycolmap.Rotation3d(np.array([x, y, z, w])).matrix())
 
 
 # --------------------------------------------------------------------------------------------------------------------

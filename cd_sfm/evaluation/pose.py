@@ -331,5 +331,6 @@ def format_table(result: dict) -> str:
         lines.append(f"pairs per scene (optical axes <= {result['conf']['max_view_angle']:g} deg; at most "
                      f"{result['conf'].get('max_pairs') or 'all'} evaluated):")
         for scene, c in counts.items():
-            lines.append(f"  {scene:<30}{c['n_views']:4d} views{c['candidate_pairs']:6d} pairs{c['pairs']:5d} evaluated")
+            lines.append(f"  {scene:<30}{c['n_views']:4d} views{c['candidate_pairs']:6d} pairs"
+                         f"{c['pairs']:5d} evaluated")
     return "\n".join(lines)

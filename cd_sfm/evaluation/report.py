@@ -58,7 +58,8 @@ def sfm_md(res: dict) -> str:
     for name, sr in scenes.items():
         for m, r in sr["methods"].items():
             gt = r.get("gt") or {}
-            lines.append(f"| {name} | {m} | {r['num_images_registered']}/{r['num_images_used']} | {r['num_points3D']} | "
+            lines.append(f"| {name} | {m} | {r['num_images_registered']}/{r['num_images_used']} | "
+                         f"{r['num_points3D']} | "
                          f"{_num(r['mean_track_length'], '.2f')} | {_num(r['mean_reprojection_error'], '.3f')} | "
                          f"{r['num_verified_pairs']} | {_num(gt.get('median_position_error'), '.4f')} | "
                          f"{_num(gt.get('relative_position_error'), '.4f')} | "

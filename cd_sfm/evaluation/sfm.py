@@ -13,8 +13,8 @@ per stage; when the scene has usable ground-truth cameras (:mod:`.gt`: any form 
 :func:`cd_sfm.synthetic.compare_to_ground_truth`) and the camera position / rotation errors are reported; the
 position error also relative to the spread of the true cameras (median distance to their centroid), comparable across
 scenes. Overall per method (:func:`overall`): registered / used images and points summed, track length and
-reprojection error averaged over the scenes, the median over the scenes with ground truth of the relative position
-error and of the largest rotation error, total time.
+reprojection error averaged over the scenes with a reconstruction, the median over the scenes with ground truth of
+the relative position error and of the largest rotation error, total time.
 
 Scenes: by default every multi-view EVAL scene of the split (:func:`.scenes.sfm_scenes`).
 """
@@ -144,8 +144,8 @@ def overall(per_scene: dict[str, dict]) -> dict:
         rel = [g["relative_position_error"] for g in gts if g.get("relative_position_error") is not None]
         rot = [g["max_rotation_error_deg"] for g in gts if g.get("max_rotation_error_deg") is not None]
 
-        def mean(key):
-            v = [r[key] for r in rows if r.get(key) is not None]
+        def mean(key):  # over the scenes with a reconstruction
+            v = [r[key] for r in rows if r.get(key) is not None and r["num_images_registered"]]
             return float(np.mean(v)) if v else None
 
         out[m] = {"scenes": len(rows),
