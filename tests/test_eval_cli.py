@@ -107,8 +107,11 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
                  "--work-dir", str(tmp_path / "work"), "-q"]) == 0
     sres = json.loads(sout.read_text())
     assert list(sres["methods"]) == ["rootsift"] and "contextdesc" in sres["absent"]
-    s = sres["methods"]["rootsift"]
+    s = sres["scenes"]["synth"]["methods"]["rootsift"]
     assert s["num_images_registered"] >= 3 and s["num_points3D"] > 50 and s["gt"]["aligned"]
+    assert s["gt"]["relative_position_error"] < 0.05  # the synthetic scene is reconstructed to its ground truth
+    ov = sres["methods"]["rootsift"]
+    assert ov["num_images_registered"] == s["num_images_registered"] and ov["gt_scenes"] == 1
 
     md = tmp_path / "table.md"
     assert main(["eval", "report", str(out), str(sout), "--output", str(md)]) == 0

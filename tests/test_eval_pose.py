@@ -113,3 +113,13 @@ def test_gt_loader_strecha():
     cam = np.loadtxt(scene / "gt_dense_cameras" / "0000.jpg.camera", max_rows=8)
     assert np.allclose(v.R, cam[4:7].T, atol=1e-6) and np.allclose(v.center, cam[7], atol=1e-5)
     assert len(P.select_pairs(views, 60.0)) == 36
+
+
+def test_subsample_pairs():
+    pairs = [(f"{i:03d}", f"{i + 1:03d}") for i in range(100)]
+    s = P.subsample_pairs(pairs, 40)
+    assert len(set(s)) == 40 and s[0] == pairs[0] and s[-1] == pairs[-1] and s == sorted(s)
+    assert max(np.diff([pairs.index(p) for p in s])) <= 3  # spread over the whole list
+    assert P.subsample_pairs(pairs, 40) == s  # deterministic
+    assert P.subsample_pairs(pairs[:10], 40) == pairs[:10] and P.subsample_pairs(pairs, 0) == pairs
+    assert all(len(set(P.subsample_pairs(pairs[:n], 40))) == 40 for n in range(41, 101))

@@ -2,10 +2,12 @@
 
     cd-sfm eval hpatches [--methods rootsift,local,contextdesc] [--model NAME] [--output JSON]
     cd-sfm eval pairs    [SCENE ...] ...   relative-pose AUC@5/10/20 on pairs with ground-truth cameras
-    cd-sfm eval sfm      [SCENE] ...       reconstruction statistics (whole pipeline per method)
+    cd-sfm eval sfm      [SCENE ...] ...   reconstruction statistics (whole pipeline per method)
     cd-sfm eval report   JSON ... [--output MD]   the Markdown table of the README from saved results
 
-Each prints one table (methods as rows) and saves the full results (per pair / per image) as JSON. Data: ``--data``
+Each prints its tables (methods as rows; per scene and overall) and saves the full results (per pair / per image) as
+JSON. Without scenes, ``pairs`` runs on the EVAL scenes of the split with usable ground-truth cameras and ``sfm`` on
+all its multi-view EVAL scenes (see ``cd_sfm/evaluation/scenes.py``). Data: ``--data``
 (default: ``../shared/data`` next to the repository root, or ``$CD_SFM_DATA``). A method the model cannot provide
 (``contextdesc`` without augmentation weights) is listed as absent, never replaced by another.
 """
@@ -106,14 +108,16 @@ def cmd_pairs(args) -> int:
     from . import pose
     from .methods import make_describers, parse_methods
 
+    from .scenes import pose_scenes
+
     root = data_root(args.data)
-    scenes = [scene_path(root, s) for s in (args.scenes or pose.DEFAULT_SCENES)]
+    scenes = [scene_path(root, s) for s in args.scenes] if args.scenes else pose_scenes(root)
     methods = parse_methods(args.methods)
     t = time.perf_counter()
     describers, absent = make_describers(methods, args.model, upright=args.upright, precision=args.precision)
     conf = pose.PoseConf(max_keypoints=args.max_keypoints, upright=args.upright, max_image_size=args.max_size,
-                         max_view_angle=args.max_view_angle, ransac_px=args.ransac_px, seed=args.seed,
-                         ratio=args.ratio)
+                         max_view_angle=args.max_view_angle, max_pairs=args.max_pairs, ransac_px=args.ransac_px,
+                         seed=args.seed, ratio=args.ratio)
     result = pose.evaluate_pairs(scenes, describers, conf)
     result["absent"] = absent
     result["meta"] = meta("pairs", args, time.perf_counter() - t)
@@ -126,14 +130,17 @@ def cmd_sfm(args) -> int:
     from . import sfm
     from .methods import parse_methods
 
+    from .scenes import sfm_scenes, unusable_gt
+
     root = data_root(args.data)
-    scene = scene_path(root, args.scene or sfm.DEFAULT_SCENE)
+    scenes = [scene_path(root, s) for s in args.scenes] if args.scenes else sfm_scenes(root)
+    unusable = {root / name: why for name, why in unusable_gt().items()}
     methods = parse_methods(args.methods)
     work = Path(args.work_dir) if args.work_dir else Path(args.output or ".").resolve().parent / "sfm-work"
     conf = sfm.SfmEvalConf(max_keypoints=args.max_keypoints, max_image_size=args.max_size,
                            overwrite=not args.resume, seed=args.seed)
     t = time.perf_counter()
-    result = sfm.evaluate_sfm(scene, methods, work, args.model, conf)
+    result = sfm.evaluate_sfm_scenes(scenes, methods, work, args.model, conf, unusable)
     result["meta"] = meta("sfm", args, time.perf_counter() - t)
     print(sfm.format_table(result))
     _save(result, args.output)
@@ -192,19 +199,22 @@ def add_parser(subparsers):
     s.set_defaults(func=cmd_hpatches)
 
     s = sub.add_parser("pairs", help="relative-pose AUC@5/10/20 deg on pairs with ground-truth cameras")
-    s.add_argument("scenes", nargs="*", help="scene folders or names under DATA (default: strecha_entry-P10_half "
-                                             "middlebury_templeSparseRing)")
+    s.add_argument("scenes", nargs="*", help="scene folders or names under DATA (default: the split's EVAL scenes "
+                                             "with usable ground-truth cameras)")
     _common(s, "eval-pairs.json", 1600)
     s.add_argument("--upright", action="store_true")
     s.add_argument("--max-view-angle", type=float, default=60.0,
                    help="pairs with optical axes at most this many degrees apart (0: all pairs)")
+    s.add_argument("--max-pairs", type=int, default=40,
+                   help="at most this many of them per scene, evenly spaced over the sorted pairs (0: all; default 40)")
     s.add_argument("--ransac-px", type=float, default=1.0, help="RANSAC threshold of the essential matrix (pixels)")
     s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_pairs)
 
     s = sub.add_parser("sfm", help="reconstruction statistics of a scene, the pipeline run once per method")
-    s.add_argument("scene", nargs="?", help="scene folder or name under DATA (default strecha_entry-P10_half)")
+    s.add_argument("scenes", nargs="*", help="scene folders or names under DATA (default: the split's multi-view "
+                                             "EVAL scenes)")
     _common(s, "eval-sfm.json", 1600)
     s.add_argument("--work-dir", help="where the reconstructions go (default: sfm-work next to the JSON)")
     s.add_argument("--resume", action="store_true", help="reuse features / matches already in the work folder")

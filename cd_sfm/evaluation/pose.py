@@ -1,14 +1,17 @@
 """Relative-pose evaluation on image pairs with ground-truth cameras: pose AUC at 5/10/20 degrees.
 
-Scenes: folders of ``../shared/data`` with ``images/`` and ``gt_colmap/`` (a COLMAP model of the true cameras, read
-with ``pycolmap.Reconstruction``; images are matched by name): ``strecha_entry-P10_half`` and
-``middlebury_templeSparseRing`` (EVAL split of ``configs/split.yaml``).
+Scenes: folders of ``../shared/data`` with ``images/`` and ground-truth cameras in any form :mod:`.gt` reads (a
+COLMAP model, LLFF ``poses_bounds.npy``, ``transforms.json``, kapture, COTR cameras); images are matched by name. By
+default the EVAL scenes of ``cd_sfm/split.yaml`` that have usable ground truth (:func:`.scenes.pose_scenes`).
 
 Pairs: every pair of the scene whose optical axes are at most ``max_view_angle`` degrees apart (default 60: pairs
 that look at the same part of the scene; on the 16-view Middlebury ring, views 22.5 and 45 degrees apart; on Strecha
-all pairs but the extreme ones). ``max_view_angle=0`` takes all pairs.
+all pairs but the extreme ones). ``max_view_angle=0`` takes all pairs. Of these, at most ``max_pairs`` (default 40)
+per scene are evaluated, evenly spaced over the sorted list (:func:`subsample_pairs`: deterministic, spread over the
+whole scene), so that a 24-image scene with 180 candidate pairs costs no more than a 10-image one.
 
-Per pair and method: SIFT keypoints (mapped back to the full-size image and undistorted with the ground-truth camera) (:func:`detect_sift`, the ContextDesc settings) on both images, each descriptor on
+Per pair and method: SIFT keypoints (:func:`detect_sift`, the ContextDesc settings; mapped back to the stored image
+when it is downscaled, and undistorted with the ground-truth camera) on both images, each descriptor on
 those keypoints, the pipeline's default matching (mutual nearest neighbour, Lowe's ratio 0.8 both ways), then the
 essential matrix from the matches in normalised camera coordinates with ``cv2.findEssentialMat`` (RANSAC,
 threshold ``ransac_px`` pixels divided by the mean focal length, confidence 0.99999, ``cv2.setRNGSeed(seed)`` before
@@ -36,12 +39,13 @@ from tqdm import tqdm
 from .. import geometry
 from ..geometry import fundamental_from_pose, sampson_distance
 from ..io import CdSfmError
+from . import gt
+from .gt import GTView
 
 logger = logging.getLogger(__name__)
 skew = geometry.skew  # this module's name for it before cd_sfm.geometry existed
 
 AUC_THRESHOLDS = (5, 10, 20)
-DEFAULT_SCENES = ("strecha_entry-P10_half", "middlebury_templeSparseRing")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class PoseConf:
     upright: bool = False
     max_image_size: int = 1600  # images larger than this are downscaled (keypoints mapped back to full size)
     max_view_angle: float = 60.0  # degrees between optical axes; 0: all pairs
+    max_pairs: int = 40  # per scene, evenly spaced over the selected pairs; 0: all
     ransac_px: float = 1.0
     ransac_conf: float = 0.99999
     epi_px: float = 1.0  # Sampson distance for a correct match
@@ -135,56 +140,9 @@ def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999,
 # ground truth
 
 
-@dataclass
-class GTView:
-    name: str
-    K: np.ndarray  # 3x3, OpenCV pixel-centre convention (COLMAP's principal point - 0.5)
-    R: np.ndarray  # world-to-camera
-    t: np.ndarray
-    size: tuple[int, int]  # width, height
-    camera: object = None  # the pycolmap.Camera (for models with distortion)
-
-    def undistort(self, xy: np.ndarray) -> np.ndarray:
-        """Pixel coordinates (OpenCV convention) of the camera -> those of the ideal pinhole camera ``K``."""
-        xy = np.asarray(xy, np.float64).reshape(-1, 2)
-        if self.camera is None or self.camera.model.name in ("PINHOLE", "SIMPLE_PINHOLE") or not len(xy):
-            return xy
-        n = np.asarray(self.camera.cam_from_img(xy + 0.5), np.float64)
-        return n @ self.K[:2, :2].T + self.K[:2, 2]
-
-    @property
-    def center(self) -> np.ndarray:
-        return -self.R.T @ self.t
-
-    @property
-    def axis(self) -> np.ndarray:
-        return self.R[2]  # optical axis in world coordinates
-
-
 def load_gt(scene: str | Path) -> dict[str, GTView]:
-    """Ground-truth cameras of a scene folder (``gt_colmap/`` COLMAP model; images named as in ``images/``)."""
-    import pycolmap
-
-    scene = Path(scene)
-    gt = scene / "gt_colmap"
-    if not gt.is_dir():
-        raise CdSfmError(f"{gt}: ground-truth COLMAP model not found")
-    try:
-        rec = pycolmap.Reconstruction(str(gt))
-    except Exception as e:  # noqa: BLE001 - pycolmap raises plain RuntimeErrors
-        raise CdSfmError(f"{gt}: cannot read the COLMAP model ({e})") from e
-    views = {}
-    for im in rec.images.values():
-        cfw = im.cam_from_world() if callable(im.cam_from_world) else im.cam_from_world
-        cam = rec.cameras[im.camera_id]
-        K = np.array(cam.calibration_matrix(), np.float64)
-        K[0, 2] -= 0.5
-        K[1, 2] -= 0.5
-        views[im.name] = GTView(im.name, K, np.array(cfw.rotation.matrix()), np.array(cfw.translation, np.float64),
-                                (int(cam.width), int(cam.height)), cam)
-    if not views:
-        raise CdSfmError(f"{gt}: no images in the ground-truth model")
-    return dict(sorted(views.items()))
+    """Ground-truth cameras of a scene folder by image name (see :mod:`cd_sfm.evaluation.gt` for the forms read)."""
+    return gt.load_gt(scene)
 
 
 def select_pairs(views: dict[str, GTView], max_view_angle: float = 60.0) -> list[tuple[str, str]]:
@@ -204,18 +162,30 @@ def select_pairs(views: dict[str, GTView], max_view_angle: float = 60.0) -> list
     return out
 
 
+def subsample_pairs(pairs: list[tuple[str, str]], max_pairs: int) -> list[tuple[str, str]]:
+    """At most ``max_pairs`` of ``pairs`` (0: all), evenly spaced over the given order: deterministic, and spread
+    over the whole scene rather than its first views."""
+    if not max_pairs or len(pairs) <= max_pairs:
+        return list(pairs)
+    idx = np.floor(np.linspace(0, len(pairs) - 1, max_pairs) + 0.5).astype(int)
+    return [pairs[i] for i in idx]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # evaluation
 
 
 def _read(path: Path, max_size: int):
+    """(RGB, gray, (sx, sy)): the image downscaled to ``max_size`` (longest side) and the per-axis scale."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise CdSfmError(f"{path}: cannot read image")
-    s = 1.0
+    s = np.ones(2)
     if max_size and max(img.shape[:2]) > max_size:
-        s = max_size / max(img.shape[:2])
-        img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
+        f = max_size / max(img.shape[:2])
+        h, w = img.shape[:2]
+        img = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+        s = np.array([img.shape[1] / w, img.shape[0] / h])
     rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return rgb, cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), s
 
@@ -243,7 +213,10 @@ def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: Pos
     missing = [n for n in views if not (img_dir / n).is_file()]
     if missing:
         raise CdSfmError(f"{img_dir}: images of the ground truth not found: {', '.join(missing[:3])}")
-    pairs = select_pairs(views, conf.max_view_angle)
+    candidates = select_pairs(views, conf.max_view_angle)
+    pairs = subsample_pairs(candidates, conf.max_pairs)
+    logger.info("%s: %d views with ground truth, %d pairs <= %g deg apart, %d evaluated", scene.name, len(views),
+                len(candidates), conf.max_view_angle, len(pairs))
     mconf = _match_conf(conf)
     mkw = {k: mconf[k] for k in ("ratio", "mutual", "distance_threshold", "metric", "cross_ratio")}
     det = SiftDetectorConf(max_keypoints=conf.max_keypoints, contrast_threshold=conf.contrast_threshold,
@@ -254,7 +227,7 @@ def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: Pos
         rgb, gray, s = _read(img_dir / name, conf.max_image_size)
         kp = detect_sift(gray, det, descriptors=True)
         desc = {m: np.asarray(f(gray, kp, rgb), np.float32) for m, f in describers.items()}
-        # keypoints in the pixel frame of the full-size ground-truth camera, undistorted to its pinhole K
+        # keypoints in the pixel frame of the stored image (the ground truth's K), undistorted to that pinhole K
         xy = (kp["keypoints"].astype(np.float64) + 0.5) / s - 0.5
         feats[name] = (views[name].undistort(xy), views[name].K, desc)
     rows = {m: [] for m in describers}
@@ -281,7 +254,8 @@ def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: Pos
                             "n_correct": n_correct, "n_inliers": n_inl, "err_R": err_R, "err_t": err_t,
                             "err": max(err_R, err_t),
                             "view_angle": angle_between(va.axis, vb.axis)})
-    return {"scene": scene.name, "n_images": len(needed), "pairs": len(pairs), "rows": rows}
+    return {"scene": scene.name, "n_views": len(views), "n_images": len(needed), "candidate_pairs": len(candidates),
+            "pairs": len(pairs), "rows": rows}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -305,17 +279,18 @@ def evaluate_pairs(scenes: list[str | Path], describers: dict[str, Callable], co
     """Pose AUC per scene and over all pairs of all scenes, for each method.
 
     Returns {"conf", "scenes": {scene: {method: summary}}, "methods": {method: summary over all pairs},
-    "per_pair": {scene: {method: rows}}}."""
-    per_scene, per_pair = {}, {}
+    "pair_counts": {scene: {n_views, n_images, candidate_pairs, pairs}}, "per_pair": {scene: {method: rows}}}."""
+    per_scene, per_pair, counts = {}, {}, {}
     all_rows = {m: [] for m in describers}
     for scene in scenes:
         res = evaluate_scene(scene, describers, conf)
         per_pair[res["scene"]] = res["rows"]
+        counts[res["scene"]] = {k: res[k] for k in ("n_views", "n_images", "candidate_pairs", "pairs")}
         per_scene[res["scene"]] = {m: summarize(r) for m, r in res["rows"].items()}
         for m, r in res["rows"].items():
             all_rows[m].extend(r)
     return {"conf": asdict(conf), "scenes": per_scene, "methods": {m: summarize(r) for m, r in all_rows.items()},
-            "per_pair": per_pair}
+            "pair_counts": counts, "per_pair": per_pair}
 
 
 def format_table(result: dict) -> str:
@@ -330,4 +305,12 @@ def format_table(result: dict) -> str:
                          + f"{r['n_inliers']:8.1f}{r['failures']:5d}")
     for m, why in (result.get("absent") or {}).items():
         lines.append(f"{'':<30}{m:<13}absent: {why}")
+    counts = result.get("pair_counts") or {}
+    if counts:
+        lines.append("")
+        lines.append(f"pairs per scene (optical axes <= {result['conf']['max_view_angle']:g} deg; at most "
+                     f"{result['conf'].get('max_pairs') or 'all'} evaluated):")
+        for scene, c in counts.items():
+            lines.append(f"  {scene:<30}{c['n_views']:4d} views{c['candidate_pairs']:6d} pairs"
+                         f"{c['pairs']:5d} evaluated")
     return "\n".join(lines)

@@ -35,7 +35,8 @@ def hpatches_md(res: dict) -> str:
 
 def pairs_md(res: dict) -> str:
     c = res["conf"]
-    lines = [f"### Relative pose (pairs <= {c['max_view_angle']:g} deg apart; E-RANSAC {c['ransac_px']:g} px; "
+    cap = f"at most {c['max_pairs']} per scene; " if c.get("max_pairs") else ""
+    lines = [f"### Relative pose (pairs <= {c['max_view_angle']:g} deg apart; {cap}E-RANSAC {c['ransac_px']:g} px; "
              f"AUC in %)", "", _header(res.get("meta") or {}), "",
              "| scene | method | AUC@5 | AUC@10 | AUC@20 | #pairs | #matches | #correct | #inliers |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -49,16 +50,26 @@ def pairs_md(res: dict) -> str:
 
 
 def sfm_md(res: dict) -> str:
-    lines = [f"### SfM ({res['scene']}; same keypoints, pipeline defaults)", "", _header(res.get("meta") or {}), "",
-             "| method | registered | 3D points | track length | reproj. error px | verified pairs | "
-             "cam. pos. error (median) | time s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for m, r in res["methods"].items():
-        gt = r.get("gt") or {}
-        lines.append(f"| {m} | {r['num_images_registered']}/{r['num_images_used']} | {r['num_points3D']} | "
-                     f"{_num(r['mean_track_length'], '.2f')} | {_num(r['mean_reprojection_error'], '.3f')} | "
-                     f"{r['num_verified_pairs']} | {_num(gt.get('median_position_error'), '.4f')} | "
-                     f"{r['seconds'].get('wall', 0):.0f} |")
+    scenes = res["scenes"] if "scenes" in res else {res["scene"]: res}  # one-scene results of older runs
+    lines = [f"### SfM ({', '.join(scenes)}; same keypoints, pipeline defaults)", "", _header(res.get("meta") or {}),
+             "", "| scene | method | registered | 3D points | track length | reproj. error px | verified pairs | "
+             "cam. pos. error (median) | rel. to camera spread | max rot. error deg | time s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, sr in scenes.items():
+        for m, r in sr["methods"].items():
+            gt = r.get("gt") or {}
+            lines.append(f"| {name} | {m} | {r['num_images_registered']}/{r['num_images_used']} | "
+                         f"{r['num_points3D']} | "
+                         f"{_num(r['mean_track_length'], '.2f')} | {_num(r['mean_reprojection_error'], '.3f')} | "
+                         f"{r['num_verified_pairs']} | {_num(gt.get('median_position_error'), '.4f')} | "
+                         f"{_num(gt.get('relative_position_error'), '.4f')} | "
+                         f"{_num(gt.get('max_rotation_error_deg'), '.2f')} | {r['seconds'].get('wall', 0):.0f} |")
+    if "scenes" in res and len(scenes) > 1:
+        for m, r in res["methods"].items():
+            lines.append(f"| all | {m} | {r['num_images_registered']}/{r['num_images_used']} | {r['num_points3D']} | "
+                         f"{_num(r['mean_track_length'], '.2f')} | {_num(r['mean_reprojection_error'], '.3f')} | "
+                         f"{r['num_verified_pairs']} | | {_num(r['median_relative_position_error'], '.4f')} | "
+                         f"{_num(r['median_max_rotation_error_deg'], '.2f')} | {r['seconds'].get('wall', 0):.0f} |")
     return "\n".join(lines + _absent(res))
 
 
@@ -68,7 +79,7 @@ def kind_of(res: dict) -> str:
         return k
     if "sequences" in res:
         return "hpatches"
-    if "scenes" in res:
+    if "per_pair" in res:
         return "pairs"
     return "sfm"
 

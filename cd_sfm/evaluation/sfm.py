@@ -7,9 +7,16 @@ differs. Methods: ``rootsift`` (features preset ``rootsift``), ``local`` (``cont
 ``contextdesc`` (augmented; absent when the model has no augmentation weights); the model goes in the config's
 ``model`` key.
 
-Reported: registered images, 3D points, mean track length, mean reprojection error, verified pairs, time per stage;
-when the scene has ``gt_colmap/``, the reconstruction is aligned to it (similarity from the projection centres, see
-:func:`cd_sfm.synthetic.compare_to_ground_truth`) and the camera position / rotation errors are reported.
+Reported per scene: registered images, 3D points, mean track length, mean reprojection error, verified pairs, time
+per stage; when the scene has usable ground-truth cameras (:mod:`.gt`: any form it reads; not the split's
+``gt_unusable``), the reconstruction is aligned to them (similarity from the projection centres, see
+:func:`cd_sfm.synthetic.compare_to_ground_truth`) and the camera position / rotation errors are reported; the
+position error also relative to the spread of the true cameras (median distance to their centroid), comparable across
+scenes. Overall per method (:func:`overall`): registered / used images and points summed, track length and
+reprojection error averaged over the scenes with a reconstruction, the median over the scenes with ground truth of
+the relative position error and of the largest rotation error, total time.
+
+Scenes: by default every multi-view EVAL scene of the split (:func:`.scenes.sfm_scenes`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from ..io import CdSfmError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCENE = "strecha_entry-P10_half"
 
 
 @dataclass
@@ -59,16 +65,18 @@ def image_dir_of(scene: Path) -> Path:
     return d if d.is_dir() else scene
 
 
-def gt_errors(sparse: Path, gt: Path) -> dict | None:
-    """Camera errors of the model ``sparse`` after alignment to the ground truth ``gt`` (None without either)."""
-    if not gt.is_dir() or not sparse.is_dir():
+def gt_errors(sparse: Path, views: dict | None) -> dict | None:
+    """Camera errors of the model ``sparse`` after alignment to the ground-truth views (:func:`.gt.load_gt`; None
+    without either)."""
+    if not views or not sparse.is_dir():
         return None
     import pycolmap
 
     from ..synthetic import compare_to_ground_truth
+    from .gt import to_reconstruction
 
-    gtr = pycolmap.Reconstruction(str(gt))
-    centers = np.array([im.projection_center() for im in gtr.images.values()])
+    gtr = to_reconstruction(views)
+    centers = np.array([v.center for v in views.values()])
     spread = float(np.median(np.linalg.norm(centers - centers.mean(0), axis=1))) or 1.0
     try:
         res = compare_to_ground_truth(pycolmap.Reconstruction(str(sparse)), gtr, max_proj_center_error=0.05 * spread)
@@ -76,12 +84,28 @@ def gt_errors(sparse: Path, gt: Path) -> dict | None:
         logger.warning("%s: no alignment to the ground truth (%s)", sparse, e)
         return {"aligned": False}
     res["camera_spread"] = spread  # median distance of the true camera centres to their centroid (GT units)
+    if res.get("median_position_error") is not None:
+        res["relative_position_error"] = res["median_position_error"] / spread
     return res
 
 
+def scene_gt(scene: Path, unusable: dict[Path, str] | None = None) -> dict | None:
+    """The scene's ground-truth views, or None (no ground truth, or its folder is a key of ``unusable``)."""
+    from .gt import has_gt, load_gt
+
+    if not has_gt(scene):
+        return None
+    why = {Path(k).resolve(): w for k, w in (unusable or {}).items()}.get(scene.resolve())
+    if why:
+        logger.info("%s: ground truth not used (%s)", scene.name, why)
+        return None
+    return load_gt(scene)
+
+
 def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, model: str = "cd-sfm-v1",
-                 conf: SfmEvalConf = SfmEvalConf()) -> dict:
-    """Run the pipeline per method on ``scene``; returns {"conf", "scene", "methods": {m: stats}, "absent"}."""
+                 conf: SfmEvalConf = SfmEvalConf(), unusable: dict[Path, str] | None = None) -> dict:
+    """Run the pipeline per method on ``scene``; returns {"conf", "scene", "methods": {m: stats}, "absent"}.
+    ``unusable``: {scene folder: reason} whose ground truth is not used (the split's ``gt_unusable``)."""
     from ..pipeline import reconstruct
 
     scene = Path(scene)
@@ -89,6 +113,7 @@ def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, mo
     if not images.is_dir():
         raise CdSfmError(f"{scene}: scene folder not found")
     work_dir = Path(work_dir) / scene.name
+    views = scene_gt(scene, unusable)
     out, absent = {}, {}
     for m in methods:
         mc = method_config(m, model, conf)
@@ -104,27 +129,82 @@ def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, mo
                                      "mean_reprojection_error", "num_pairs", "num_verified_pairs", "num_models")}
         row["seconds"] = {**s.get("seconds", {}), "wall": round(wall, 2)}
         row["output_dir"] = str(work_dir / m)
-        row["gt"] = gt_errors(work_dir / m / "sparse" / "0", scene / "gt_colmap")
+        row["gt"] = gt_errors(work_dir / m / "sparse" / "0", views)
         out[m] = row
     return {"conf": asdict(conf), "scene": scene.name, "model": model, "methods": out, "absent": absent}
 
 
+def overall(per_scene: dict[str, dict]) -> dict:
+    """Per method over the scenes (see the module docstring)."""
+    methods = list(dict.fromkeys(m for r in per_scene.values() for m in r["methods"]))
+    out = {}
+    for m in methods:
+        rows = [r["methods"][m] for r in per_scene.values() if m in r["methods"]]
+        gts = [r.get("gt") or {} for r in rows]
+        rel = [g["relative_position_error"] for g in gts if g.get("relative_position_error") is not None]
+        rot = [g["max_rotation_error_deg"] for g in gts if g.get("max_rotation_error_deg") is not None]
+
+        def mean(key):  # over the scenes with a reconstruction
+            v = [r[key] for r in rows if r.get(key) is not None and r["num_images_registered"]]
+            return float(np.mean(v)) if v else None
+
+        out[m] = {"scenes": len(rows),
+                  "num_images_registered": int(sum(r["num_images_registered"] or 0 for r in rows)),
+                  "num_images_used": int(sum(r["num_images_used"] or 0 for r in rows)),
+                  "num_points3D": int(sum(r["num_points3D"] or 0 for r in rows)),
+                  "mean_track_length": mean("mean_track_length"),
+                  "mean_reprojection_error": mean("mean_reprojection_error"),
+                  "num_verified_pairs": int(sum(r["num_verified_pairs"] or 0 for r in rows)),
+                  "gt_scenes": len(rel), "gt_aligned_failed": sum(1 for g in gts if g.get("aligned") is False),
+                  "median_relative_position_error": float(np.median(rel)) if rel else None,
+                  "median_max_rotation_error_deg": float(np.median(rot)) if rot else None,
+                  "seconds": {"wall": round(sum(r["seconds"]["wall"] for r in rows), 1)}}
+    return out
+
+
+def evaluate_sfm_scenes(scenes: list[str | Path], methods: list[str], work_dir: str | Path,
+                        model: str = "cd-sfm-v1", conf: SfmEvalConf = SfmEvalConf(),
+                        unusable: dict[Path, str] | None = None) -> dict:
+    """:func:`evaluate_sfm` on each scene; returns {"conf", "model", "scenes": {scene: result}, "methods":
+    :func:`overall`, "absent"}."""
+    per_scene = {}
+    for scene in scenes:
+        res = evaluate_sfm(scene, methods, work_dir, model, conf, unusable)
+        per_scene[res["scene"]] = res
+    absent = {m: why for r in per_scene.values() for m, why in r["absent"].items()}
+    return {"conf": asdict(conf), "model": model, "scenes": per_scene, "methods": overall(per_scene),
+            "absent": absent}
+
+
+def _fmt(v, spec, width):
+    return format(v, spec).rjust(width) if v is not None else "n/a".rjust(width)
+
+
 def format_table(result: dict) -> str:
-    head = (f"{'method':<13}{'reg':>8}{'points':>9}{'track':>7}{'reproj':>8}{'verif':>7}"
-            f"{'pos.err':>9}{'rot.err':>9}{'time s':>8}")
-    lines = [f"scene: {result['scene']}", head, "-" * len(head)]
-    for m, r in result["methods"].items():
-        gt = r.get("gt") or {}
-        pe = gt.get("median_position_error")
-        re_ = gt.get("max_rotation_error_deg")
-        err = r["mean_reprojection_error"]
-        lines.append(f"{m:<13}{r['num_images_registered']:>4d}/{r['num_images_used']:<3d}{r['num_points3D']:9d}"
-                     f"{r['mean_track_length']:7.2f}" + (f"{err:8.3f}" if err is not None else f"{'n/a':>8}")
-                     + f"{r['num_verified_pairs']:7d}" + (f"{pe:9.4f}" if pe is not None else f"{'n/a':>9}")
-                     + (f"{re_:9.3f}" if re_ is not None else f"{'n/a':>9}") + f"{r['seconds']['wall']:8.1f}")
+    """Per scene and overall tables of :func:`evaluate_sfm_scenes` (or one scene of :func:`evaluate_sfm`)."""
+    scenes = result["scenes"] if "scenes" in result else {result["scene"]: result}
+    head = (f"{'scene':<30}{'method':<13}{'reg':>8}{'points':>9}{'track':>7}{'reproj':>8}{'verif':>7}"
+            f"{'pos.err':>9}{'rel.pos':>8}{'rot.err':>9}{'time s':>8}")
+    lines = [head, "-" * len(head)]
+    for name, res in scenes.items():
+        for m, r in res["methods"].items():
+            gt = r.get("gt") or {}
+            lines.append(f"{name:<30}{m:<13}{r['num_images_registered']:>4d}/{r['num_images_used']:<3d}"
+                         f"{r['num_points3D']:9d}" + _fmt(r["mean_track_length"], ".2f", 7)
+                         + _fmt(r["mean_reprojection_error"], ".3f", 8) + f"{r['num_verified_pairs']:7d}"
+                         + _fmt(gt.get("median_position_error"), ".4f", 9)
+                         + _fmt(gt.get("relative_position_error"), ".4f", 8)
+                         + _fmt(gt.get("max_rotation_error_deg"), ".3f", 9) + f"{r['seconds']['wall']:8.1f}")
+    if "scenes" in result and len(scenes) > 1:
+        for m, r in result["methods"].items():
+            lines.append(f"{'ALL':<30}{m:<13}{r['num_images_registered']:>4d}/{r['num_images_used']:<3d}"
+                         f"{r['num_points3D']:9d}" + _fmt(r["mean_track_length"], ".2f", 7)
+                         + _fmt(r["mean_reprojection_error"], ".3f", 8) + f"{r['num_verified_pairs']:7d}"
+                         + f"{'':>9}" + _fmt(r["median_relative_position_error"], ".4f", 8)
+                         + _fmt(r["median_max_rotation_error_deg"], ".3f", 9) + f"{r['seconds']['wall']:8.1f}")
     for m, why in (result.get("absent") or {}).items():
-        lines.append(f"{m:<13}absent: {why}")
-    if any((r.get("gt") or {}).get("aligned") for r in result["methods"].values()):
-        lines.append("pos.err: median camera position error after similarity alignment (GT units); "
-                     "rot.err: max rotation error (deg)")
+        lines.append(f"{'':<30}{m:<13}absent: {why}")
+    lines.append("pos.err: median camera position error after similarity alignment (GT units); rel.pos: the same / "
+                 "spread of the true cameras (ALL: median over scenes); rot.err: max rotation error (deg; ALL: median "
+                 "over scenes); n/a: no usable ground truth")
     return "\n".join(lines)
