@@ -47,9 +47,9 @@ confs: dict[str, dict] = {
     "NN-mutual": {"output": "matches-NN-mutual", "ratio": None, "mutual": True, "distance_threshold": None},
 }
 
-SCREEN_K = 16  # candidates per row and per column the screen keeps for exact rescoring
-SCREEN_ENERGY = 0.6  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
-SCREEN_MIN_KEYPOINTS = 1024  # smaller sets are matched exactly: the screen would not pay
+SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
+SCREEN_ENERGY = 0.7  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
+SCREEN_MIN_KEYPOINTS = 4096  # smaller sets are matched exactly: the screen would not pay
 TILE = 512  # similarity tiles of TILE x TILE float32 (1 MiB: cache-resident)
 
 DEFAULT_CONF = {
@@ -365,11 +365,11 @@ def _match_fused(kern, d0, d1, ratio, mutual, distance_threshold, metric, normal
         basis = np.ascontiguousarray(v[:, ::-1][:, :k], np.float32)
         T = max(2, int(screen_k))
         _, ri, _, ci = _top_lists(kern, d0 @ basis, d1 @ basis, T, threads)
-        rv, cv = kern.rescore(d0, d1, ri, ci)
+        best, nn, second, col_best, col_second = kern.screen_top2(d0, d1, ri, ci)
     else:
         rv, ri, cv, ci = _top_lists(kern, d0, d1, 2, threads)
-    best, nn, second = kern.top2(rv, ri)
-    col_best, _, col_second = kern.top2(cv, ci)
+        best, nn, second = kern.top2(rv, ri)
+        col_best, _, col_second = kern.top2(cv, ci)
 
     # the decisions of match_descriptors_reference, on these values
     dist = _distance(best, metric)

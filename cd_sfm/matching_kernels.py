@@ -14,9 +14,6 @@ from numba import njit
 
 _jit = njit(nogil=True, cache=True, boundscheck=False)
 
-CHUNK = 8  # columns tested at once (one vectorised comparison) before the scalar update
-
-
 @_jit
 def _insert(vals, idx, pos, a, v, k):
     """Put (v, k) in list ``a``'s slot ``pos[a]`` (its smallest value); point ``pos[a]`` at the new smallest and
@@ -26,33 +23,13 @@ def _insert(vals, idx, pos, a, v, k):
     idx[a, p] = k
     p = 0
     mv = vals[a, 0]
-    for t in range(1, vals.shape[1]):
-        if vals[a, t] < mv:
-            mv = vals[a, t]
-            p = t
+    for t in range(1, vals.shape[1]):  # selects, no branches (the comparisons are unpredictable)
+        x = vals[a, t]
+        lt = x < mv
+        p = t if lt else p
+        mv = x if lt else mv
     pos[a] = p
     return mv
-
-
-@_jit
-def _hit_chunks(row, thr, cmin, hits):
-    """Indices of the CHUNK-column chunks of ``row`` holding a value above ``thr`` or above its column's bar ``cmin``
-    (into ``hits``; the ragged last chunk is always listed); returns their number. Vectorised, no stores."""
-    m = row.shape[0]
-    nh = 0
-    full = m // CHUNK
-    for c in range(full):
-        h = 0
-        for q in range(CHUNK):
-            v = row[c * CHUNK + q]
-            h |= np.int32(v > thr) | np.int32(v > cmin[c * CHUNK + q])
-        if h:
-            hits[nh] = c
-            nh += 1
-    if full * CHUNK < m:
-        hits[nh] = full
-        nh += 1
-    return nh
 
 
 @_jit
@@ -61,25 +38,34 @@ def topk_tile(S, r0, c0, rows, cols):
     the column lists ``cols``, each a tuple (values (N, T) float32, indices (N, T) int32, bar (N,) float32, slot of
     the bar (N,) int64): the T largest values seen so far, in no order, with their column / row index, and their
     minimum, which a new value must pass. A value enters only when strictly larger than that bar, so on ties the
-    first index seen (rows and columns are visited in increasing order) stays, as ``argmax`` decides."""
+    first index seen (rows and columns are visited in increasing order) stays, as ``argmax`` decides.
+
+    Per row: one vectorised pass flags the values above the row's or their column's bar (bytes, read back 8 at a
+    time as one uint64), then only flagged values are looked at one by one. Flags past the row's end stay 0."""
     rv, ri, rmin, rpos = rows
     cv, ci, cmin, cpos = cols
     b, m = S.shape
-    cm = cmin[c0 : c0 + m]
-    hits = np.empty((m + CHUNK - 1) // CHUNK, np.int64)
+    cm = cmin[c0 : c0 + m]  # a slice, indexed from 0 in the loops: vectorisable (no negative-index checks)
+    m8 = (m + 7) // 8
+    flags = np.zeros(m8 * 8, np.uint8)
+    words = flags.view(np.uint64)
     for r in range(b):
         i = r0 + r
         row = S[r]
         thr = rmin[i]
-        nh = _hit_chunks(row, thr, cm, hits)
-        for h in range(nh):
-            j0 = hits[h] * CHUNK
-            for j in range(j0, min(j0 + CHUNK, m)):
-                v = row[j]
-                if v > thr:
-                    thr = _insert(rv, ri, rpos, i, v, c0 + j)
-                if v > cm[j]:
-                    cm[j] = _insert(cv, ci, cpos, c0 + j, v, i)
+        for j in range(m):
+            flags[j] = np.uint8(row[j] > thr) | np.uint8(row[j] > cm[j])
+        for w in range(m8):
+            x = words[w]  # tested in a register: re-reading the flag bytes would stall on the vector store
+            if x:
+                for q in range(8):
+                    if (x >> np.uint64(8 * q)) & np.uint64(1):
+                        j = w * 8 + q
+                        v = row[j]
+                        if v > thr:
+                            thr = _insert(rv, ri, rpos, i, v, c0 + j)
+                        if v > cm[j]:
+                            cm[j] = _insert(cv, ci, cpos, c0 + j, v, i)
         rmin[i] = thr
 
 
@@ -94,21 +80,84 @@ def _dot(a, b):
 
 
 @_jit
-def rescore(d0, d1, ri, ci):
-    """Exact similarities of the candidate lists ``ri`` (N0, T; entry [i, t] indexes ``d1``) and ``ci`` (N1, T2;
-    entry [j, t] indexes ``d0``): (N0, T) and (N1, T2) float32, -inf where the index is < 0. A pair gets the very
-    same value from either list."""
-    rv = np.full(ri.shape, -np.inf, np.float32)
-    for i in range(ri.shape[0]):
+def _transpose_lists(idx, n):
+    """CSR (start (n + 1,), members) of the lists ``idx`` (M, T) turned around: for each k < n, the a with k in
+    idx[a]."""
+    start = np.zeros(n + 1, np.int64)
+    for a in range(idx.shape[0]):
+        for t in range(idx.shape[1]):
+            if idx[a, t] >= 0:
+                start[idx[a, t] + 1] += 1
+    for k in range(n):
+        start[k + 1] += start[k]
+    members = np.empty(start[n], np.int64)
+    fill = start[:n].copy()
+    for a in range(idx.shape[0]):
+        for t in range(idx.shape[1]):
+            k = idx[a, t]
+            if k >= 0:
+                members[fill[k]] = a
+                fill[k] += 1
+    return start, members
+
+
+@_jit
+def _push(v, k, best, arg, second):
+    """Fold (v, k) into a running (best, arg, second): larger values first, the smaller index on ties."""
+    if arg < 0 or v > best or (v == best and k < arg):
+        if arg >= 0:
+            second = max(second, best)
+        return v, k, second
+    return best, arg, max(second, v)
+
+
+@_jit
+def screen_top2(d0, d1, ri, ci):
+    """Exact top-2 over the screened candidates: for each row i of ``d0`` the columns ri[i] plus the columns j with
+    i in ci[j] (each once); for each column j the rows ci[j] plus the rows i with j in ri[i]. Returns the rows' best
+    value, its column and second value, and the columns' best and second value (the same pair gets the very same
+    float32 value from either side)."""
+    n0, n1 = d0.shape[0], d1.shape[0]
+    cs, cm = _transpose_lists(ci, n0)  # for row i: the columns j whose list holds i
+    rs, rm = _transpose_lists(ri, n1)  # for column j: the rows i whose list holds j
+    best = np.full(n0, -np.inf, np.float32)
+    nn = np.full(n0, -1, np.int64)
+    second = np.full(n0, -np.inf, np.float32)
+    for i in range(n0):
+        b, a, s = np.float32(-np.inf), -1, np.float32(-np.inf)
         for t in range(ri.shape[1]):
-            if ri[i, t] >= 0:
-                rv[i, t] = _dot(d0[i], d1[ri[i, t]])
-    cv = np.full(ci.shape, -np.inf, np.float32)
-    for j in range(ci.shape[0]):
+            j = ri[i, t]
+            if j >= 0:
+                b, a, s = _push(_dot(d0[i], d1[j]), j, b, a, s)
+        for q in range(cs[i], cs[i + 1]):
+            j = cm[q]
+            seen = False
+            for t in range(ri.shape[1]):
+                seen |= ri[i, t] == j
+            if not seen:
+                b, a, s = _push(_dot(d0[i], d1[j]), j, b, a, s)
+        best[i], nn[i], second[i] = b, a, s
+    col_best = np.full(n1, -np.inf, np.float32)
+    col_second = np.full(n1, -np.inf, np.float32)
+    for j in range(n1):
+        b, a, s = np.float32(-np.inf), -1, np.float32(-np.inf)
         for t in range(ci.shape[1]):
-            if ci[j, t] >= 0:
-                cv[j, t] = _dot(d0[ci[j, t]], d1[j])
-    return rv, cv
+            i = ci[j, t]
+            if i >= 0:
+                seen = False
+                for u in range(t):
+                    seen |= ci[j, u] == i
+                if not seen:
+                    b, a, s = _push(_dot(d0[i], d1[j]), i, b, a, s)
+        for q in range(rs[j], rs[j + 1]):
+            i = rm[q]
+            seen = False
+            for t in range(ci.shape[1]):
+                seen |= ci[j, t] == i
+            if not seen:
+                b, a, s = _push(_dot(d0[i], d1[j]), i, b, a, s)
+        col_best[j], col_second[j] = b, s
+    return best, nn, second, col_best, col_second
 
 
 @_jit
