@@ -49,7 +49,7 @@ confs: dict[str, dict] = {
 
 SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
 SCREEN_ENERGY = 0.7  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
-SCREEN_MIN_KEYPOINTS = 4096  # smaller sets are matched exactly: the screen would not pay
+SCREEN_MIN_KEYPOINTS = 6144  # smaller sets are matched exactly: the screen would not pay
 TILE = 512  # similarity tiles of TILE x TILE float32 (1 MiB: cache-resident)
 
 DEFAULT_CONF = {
@@ -237,28 +237,50 @@ def default_threads() -> int:
 
 
 def gram(desc: np.ndarray) -> np.ndarray:
-    """(D, D) float64 second-moment matrix ``desc.T @ desc`` of (N, D) descriptors: the screen's basis of a pair is
-    the principal axes of ``gram(d0) + gram(d1)`` (pass them to :func:`match_descriptors` to compute them once per
-    image)."""
+    """(D + 1, D + 1) float64 moments of (N, D) descriptors: ``[d, 1].T @ [d, 1]`` (second moments, sums, count).
+    The screen's basis of a pair comes from ``gram(d0) + gram(d1)`` (pass them to :func:`match_descriptors` to
+    compute them once per image)."""
     d = np.asarray(desc, np.float32)
+    g = np.empty((d.shape[1] + 1,) * 2, np.float64)
     with _single_threaded_blas():  # the same rounding wherever it is called from
-        return (d.T @ d).astype(np.float64)
+        g[:-1, :-1] = d.T @ d
+    g[:-1, -1] = g[-1, :-1] = d.sum(0, dtype=np.float64)
+    g[-1, -1] = len(d)
+    return g
 
 
-def screen_dims(g: np.ndarray, n0: int, n1: int, dims: int | str | None = "auto") -> int:
-    """Principal axes the screen keeps for a pair with second-moment matrix ``g`` (0: match exactly)."""
-    D = g.shape[0]
-    if dims in (None, 0, False) or min(n0, n1) < SCREEN_MIN_KEYPOINTS:
-        return 0
-    if dims != "auto":
+def screen_basis(g: np.ndarray, n0: int, n1: int, dims: int | str | None = "auto") -> np.ndarray | None:
+    """(D, k) float32 orthonormal basis the screen projects a pair onto (None: match exactly), from the pair's
+    moments ``g`` (:func:`gram`): the mean direction, then the principal axes of the centred descriptors (the mean
+    carries most of the energy of non-negative descriptors such as RootSIFT and tells none of them apart). "auto":
+    the fewest axes (a multiple of 8, at least D / 4) holding ``SCREEN_ENERGY`` of the centred variance, if at most
+    half of D."""
+    D = g.shape[0] - 1
+    if dims in (None, 0, False) or min(n0, n1) < SCREEN_MIN_KEYPOINTS or g[-1, -1] <= 0:
+        return None
+    mean = g[:-1, -1] / g[-1, -1]
+    cov = g[:-1, :-1] / g[-1, -1] - np.outer(mean, mean)
+    norm = np.linalg.norm(mean)
+    u = mean / norm if norm > 1e-6 else None
+    if u is not None:  # the axes orthogonal to the mean
+        q = np.eye(D) - np.outer(u, u)
+        cov = q @ cov @ q
+    w, v = np.linalg.eigh(cov)
+    w, v = np.clip(w[::-1], 0, None), v[:, ::-1]
+    if dims == "auto":
+        if w.sum() <= 0:
+            return None
+        k = int(np.searchsorted(np.cumsum(w) / w.sum(), SCREEN_ENERGY) + 1)
+        k = max(-(-k // 8) * 8, D // 4)  # never fewer than a quarter (RootSIFT: 16 axes hold 70 %, too few)
+        if k > D // 2:
+            return None
+    else:
         k = int(dims)
-        return k if 0 < k < D else 0
-    w = np.clip(np.linalg.eigvalsh(g)[::-1], 0, None)
-    if w.sum() <= 0:
-        return 0
-    k = int(np.searchsorted(np.cumsum(w) / w.sum(), SCREEN_ENERGY) + 1)
-    k = -(-k // 8) * 8
-    return k if k <= D // 2 else 0
+        if not 0 < k < D:
+            return None
+    axes = v[:, : k - 1] if u is not None else v[:, :k]
+    basis = np.concatenate([u[:, None], axes], axis=1) if u is not None else axes
+    return np.ascontiguousarray(basis, np.float32)
 
 
 def _top_lists(kern, a, b, T, threads):
@@ -356,13 +378,11 @@ def _match_fused(kern, d0, d1, ratio, mutual, distance_threshold, metric, normal
     d0 = np.ascontiguousarray(d0, np.float32)
     d1 = np.ascontiguousarray(d1, np.float32)
     threads = default_threads() if threads is None else max(1, int(threads))
-    k = 0
+    basis = None
     if screen and min(n0, n1) >= SCREEN_MIN_KEYPOINTS:
         g = grams[0] + grams[1] if grams is not None else gram(d0) + gram(d1)
-        k = screen_dims(g, n0, n1, screen)
-    if k:
-        w, v = np.linalg.eigh(g)
-        basis = np.ascontiguousarray(v[:, ::-1][:, :k], np.float32)
+        basis = screen_basis(g, n0, n1, screen)
+    if basis is not None:
         T = max(2, int(screen_k))
         _, ri, _, ci = _top_lists(kern, d0 @ basis, d1 @ basis, T, threads)
         best, nn, second, col_best, col_second = kern.screen_top2(d0, d1, ri, ci)
