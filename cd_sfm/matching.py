@@ -1,4 +1,6 @@
-"""Descriptor matching: mutual nearest neighbours with Lowe's ratio test, vectorised, batched over image pairs.
+"""Descriptor matching: mutual nearest neighbours with Lowe's ratio test, batched over image pairs; one pass over
+cache-sized tiles of the similarity matrix (numba kernels in :mod:`cd_sfm.matching_kernels`) keeps the top values of
+every row and column at once, optionally after a screen on the pair's principal axes (see :func:`match_descriptors`).
 
 Usage from Python, as hloc's ``match_features.main``::
 
@@ -50,6 +52,7 @@ confs: dict[str, dict] = {
 SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
 SCREEN_ENERGY = 0.7  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
 SCREEN_MIN_KEYPOINTS = 6144  # smaller sets are matched exactly: the screen would not pay
+FUSED_MIN_PAIRS = 3000 * 3000  # smaller pairs: the reference matcher (faster there: no tiles, no threads)
 TILE = 512  # similarity tiles of TILE x TILE float32 (1 MiB: cache-resident)
 
 DEFAULT_CONF = {
@@ -62,7 +65,7 @@ DEFAULT_CONF = {
     "block_rows": 2048,  # rows of the similarity matrix computed at once (memory: block_rows * N1 * 4 bytes)
     "num_workers": 1,  # pairs of a batch matched in parallel (each pair already uses `threads` threads)
     "cross_ratio": False,  # ratio test both ways (COLMAP's cross check); see match_descriptors
-    "screen": "auto",  # principal-axes screen before the exact decision ("auto", an int, or 0 = exact); see there
+    "screen": 0,  # principal-axes screen before the exact decision ("auto", an int; 0 = off, exact); see there
     "screen_k": SCREEN_K,  # candidates per row / column the screen keeps
     "threads": None,  # threads per pair (None: the usable cores / num_workers)
 }
@@ -87,7 +90,7 @@ def match_options(conf: dict) -> dict:
     threads = conf.get("threads")
     return dict(ratio=conf["ratio"], mutual=conf["mutual"], distance_threshold=conf["distance_threshold"],
                 metric=conf["metric"], normalized=True, block_rows=int(conf["block_rows"]),
-                cross_ratio=bool(conf.get("cross_ratio", False)), screen=conf.get("screen", "auto"),
+                cross_ratio=bool(conf.get("cross_ratio", False)), screen=conf.get("screen", 0),
                 screen_k=int(conf.get("screen_k", SCREEN_K)),
                 threads=int(threads) if threads else max(1, default_threads() // workers))
 
@@ -329,7 +332,7 @@ def match_descriptors(
     normalized: bool = False,
     block_rows: int = 2048,
     cross_ratio: bool = False,
-    screen: int | str | None = "auto",
+    screen: int | str | None = 0,
     screen_k: int = SCREEN_K,
     threads: int | None = None,
     grams: tuple[np.ndarray, np.ndarray] | None = None,
@@ -344,18 +347,19 @@ def match_descriptors(
 
     One pass over the similarity matrix, in cache-sized tiles, keeps the top values of every row and every column at
     once (numba kernels, ``threads`` threads over row bands; default: the usable cores), so the cross ratio costs no
-    second product. ``screen``: with "auto" (default) and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on each side,
-    that pass runs on the descriptors projected onto the pair's principal axes that hold ``SCREEN_ENERGY`` of the
-    energy (32 of 128 for ContextDesc) when those are at most half of them, keeping ``screen_k`` candidates per row and
-    column, whose exact similarities then decide: the same matches as the exact pass but for a rare candidate the
-    projection ranked too low (see ``scripts/bench_match.py``). An int: that many axes; 0 / None: always exact.
-    ``grams``: ``(gram(d0), gram(d1))`` precomputed. Without numba: :func:`match_descriptors_reference`
-    (``block_rows`` rows at a time).
+    second product. ``screen`` (off by default): with "auto" and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on
+    each side, that pass runs on the descriptors projected onto the pair's mean direction and principal axes
+    (:func:`screen_basis`; 48-56 of 128 for ContextDesc), keeping ``screen_k`` candidates per row and column, whose
+    exact similarities then decide: the same matches but for a rare candidate the projection ranked too low. It
+    pays only where the similarity product is the bottleneck (measured faster on a loaded 2-core machine, not on an
+    idle one: see ``scripts/bench_match.py``). An int: that many axes; 0 / None: exact.
+    ``grams``: ``(gram(d0), gram(d1))`` precomputed. Without numba, and for pairs of fewer than ``FUSED_MIN_PAIRS``
+    similarities (where it is faster): :func:`match_descriptors_reference` (``block_rows`` rows at a time).
 
     Returns ``matches0`` (N0,) int32 (-1 = unmatched) and ``scores0`` (N0,) float32 = (cosine + 1) / 2 (0 unmatched).
     """
     kern = _kernels()
-    if kern is None:
+    if kern is None or len(d0) * len(d1) < FUSED_MIN_PAIRS:
         return match_descriptors_reference(d0, d1, ratio=ratio, mutual=mutual, distance_threshold=distance_threshold,
                                            metric=metric, normalized=normalized, block_rows=block_rows,
                                            cross_ratio=cross_ratio)
@@ -552,7 +556,8 @@ def main(
                             if d0.shape[1] != d1.shape[1] and len(d0) and len(d1):
                                 raise CdSfmError(f"{features_path}: descriptors of {a} and {b} differ in size "
                                                  f"({d0.shape[1]} vs {d1.shape[1]}); mixed feature types?")
-                        descs = [(d0, d1, (cache.gram(a), cache.gram(b))) for (a, b), (d0, d1) in zip(batch, descs)]
+                        descs = [(d0, d1, (cache.gram(a), cache.gram(b)) if opts["screen"] else None)
+                                 for (a, b), (d0, d1) in zip(batch, descs)]
 
                         def run(ds):
                             return match_descriptors(ds[0], ds[1], grams=ds[2], **opts)

@@ -13,9 +13,10 @@ Methods, all with the pipeline's default matching (mutual nearest neighbour, Low
 
 * ``reference``: :func:`cd_sfm.matching.match_descriptors_reference`, the matcher as it was before the fused kernels
   (kept verbatim), BLAS with its default threads: the baseline of every ratio;
-* ``fused``: :func:`cd_sfm.matching.match_descriptors` as the pipeline calls it (``screen="auto"``, the per-image
-  second-moment matrices precomputed as ``matching.main`` caches them);
-* ``fused-exact``: the same one-pass kernels without the screen (``screen=0``);
+* ``fused``: :func:`cd_sfm.matching.match_descriptors` as the pipeline calls it (one pass over cache-sized tiles,
+  row and column top-2 at once; the reference matcher below ``FUSED_MIN_PAIRS`` similarities);
+* ``fused-screen``: the same with ``screen="auto"`` (principal-axes screen + exact rescoring, from 6144 keypoints;
+  the per-image moments precomputed as ``matching.main`` caches them);
 * ``colmap``: COLMAP's CPU SIFT matcher (``pycolmap.FeatureMatcher`` with ``max_ratio`` 0.8, ``cross_check``, no
   distance limit), on the uint8 descriptors our database stores (``descriptors_to_uint8``); it is slow, so it runs
   ``--colmap-reps`` times on ``--colmap-pairs`` pairs.
@@ -143,8 +144,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     # warm up (numba compilation or cache load)
     d = matching.normalize(descs[names[0]][:2048])
-    matching.match_descriptors(d, d, **opts)
-    matching.match_descriptors(d, d, **{**opts, "screen": 0})
+    for screen in (0, "auto"):
+        matching.match_descriptors(d, d, **{**opts, "screen": screen})
+        matching.match_descriptors(*([matching.normalize(descs[names[0]])] * 2), **{**opts, "screen": screen})
 
     for n in args.sizes:
         nd = {k: matching.normalize(v[:n]) for k, v in descs.items()}
@@ -152,8 +154,9 @@ def main(argv=None) -> int:
         u8 = {k: descriptors_to_uint8(v, "auto") for k, v in nd.items()}
         methods = {
             "reference": lambda a, b: matching.match_descriptors_reference(nd[a], nd[b], **ref_opts)[0],
-            "fused": lambda a, b: matching.match_descriptors(nd[a], nd[b], grams=(grams[a], grams[b]), **opts)[0],
-            "fused-exact": lambda a, b: matching.match_descriptors(nd[a], nd[b], **{**opts, "screen": 0})[0],
+            "fused": lambda a, b: matching.match_descriptors(nd[a], nd[b], **opts)[0],
+            "fused-screen": lambda a, b: matching.match_descriptors(nd[a], nd[b], grams=(grams[a], grams[b]),
+                                                                  **{**opts, "screen": "auto"})[0],
         }
         if colmap is not None:
             methods["colmap"] = lambda a, b: colmap_match(colmap, u8[a], u8[b])

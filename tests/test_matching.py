@@ -196,6 +196,12 @@ def test_hpatches_rootsift_pipeline(tmp_path):
 DEFAULT = dict(ratio=0.8, mutual=True, distance_threshold=None, metric="l2", cross_ratio=True)
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused kernels even for small pairs (which otherwise go to the reference matcher)."""
+    monkeypatch.setattr(matching, "FUSED_MIN_PAIRS", 0)
+
+
 def assert_same(d0, d1, **kw):
     opts = {**DEFAULT, **kw}
     ref, ref_s = match_descriptors_reference(d0, d1, **{k: v for k, v in opts.items() if k not in ("screen", "threads")})
@@ -216,7 +222,7 @@ def low_rank(n, d=128, rank=24, seed=0):
 
 @pytest.mark.parametrize("n0,n1,d", [(300, 250, 128), (1100, 700, 64), (513, 1025, 32), (40, 2000, 128)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_same_as_reference_random(n0, n1, d, threads):
+def test_fused_same_as_reference_random(n0, n1, d, threads, fused):
     d0, d1, _ = correlated(n0, n1, min(n0, n1) // 2, d=d, noise=0.3, seed=n0 + n1)
     m = assert_same(d0, d1, threads=threads)
     assert (m >= 0).sum() > min(n0, n1) // 4
@@ -225,12 +231,12 @@ def test_fused_same_as_reference_random(n0, n1, d, threads):
 
 @pytest.mark.parametrize("kw", [dict(ratio=None), dict(mutual=False), dict(ratio=0.9, distance_threshold=0.6),
                                 dict(metric="angle", distance_threshold=0.7), dict(ratio=None, mutual=False)])
-def test_fused_same_as_reference_options(kw):
+def test_fused_same_as_reference_options(kw, fused):
     d0, d1, _ = correlated(700, 600, 300, d=64, noise=0.4, seed=3)
     assert_same(d0, d1, **kw)
 
 
-def test_fused_ties_and_edges():
+def test_fused_ties_and_edges(fused):
     rng = np.random.default_rng(5)
     # +-1 vectors of 64 dims: unit rows of +-1/8, every similarity an exact multiple of 1/64 whatever the order of
     # the sums (BLAS rounding would otherwise break the ties differently), with repeated rows on both sides: exact
@@ -259,8 +265,8 @@ def agreement(m, ref):
     return len(a & b) / max(len(b), 1), len(a & b) / max(len(a), 1)
 
 
-def test_screen_structured():
-    """Low-rank descriptors engage the screen (auto: few axes hold the energy); its matches are the reference's."""
+def test_screen_structured(fused):
+    """Low-rank descriptors engage the screen ("auto": few axes hold the energy); its matches are the reference's."""
     n = matching.SCREEN_MIN_KEYPOINTS + 500
     base = low_rank(n + 1000, seed=1)
     rng = np.random.default_rng(2)
@@ -272,7 +278,8 @@ def test_screen_structured():
     assert basis is not None and basis.shape[0] == 128 and basis.shape[1] <= 64
     np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
     ref, _ = match_descriptors_reference(d0, d1, normalized=True, cross_ratio=True)
-    m, s = match_descriptors(d0, d1, normalized=True, cross_ratio=True, grams=(matching.gram(d0), matching.gram(d1)))
+    m, s = match_descriptors(d0, d1, normalized=True, cross_ratio=True, screen="auto",
+                             grams=(matching.gram(d0), matching.gram(d1)))
     assert (ref >= 0).sum() > 1000
     found, own = agreement(m, ref)
     assert found > 0.99 and own > 0.99
@@ -291,7 +298,7 @@ def test_fallback_without_numba(monkeypatch):
     np.testing.assert_array_equal(m, ref)
 
 
-def test_match_options_from_conf():
+def test_match_options_from_conf(fused):
     conf = matching.resolve_conf({**matching.confs["NN-ratio"], "cross_ratio": True, "screen": 0, "num_workers": 2})
     opts = matching.match_options(conf)
     assert opts["screen"] == 0 and opts["cross_ratio"] and opts["normalized"] and opts["threads"] >= 1
@@ -303,9 +310,9 @@ def test_match_options_from_conf():
 @pytest.mark.shared
 @pytest.mark.skipif(not (SHARED / "strecha_entry-P10_half").is_dir(), reason="needs ../shared/data/strecha_entry-P10_half")
 @pytest.mark.parametrize("preset", ["rootsift", pytest.param("contextdesc", marks=pytest.mark.slow)])
-def test_real_descriptors_same_as_reference(tmp_path, preset):
-    """Real photos, the pipeline's default matching: the exact pass gives the reference's matches; the screen (auto)
-    more than 99 % of them and little else."""
+def test_real_descriptors_same_as_reference(tmp_path, preset, fused):
+    """Real photos, the pipeline's default matching: the fused pass gives the reference's matches; the screen
+    ("auto") more than 99 % of them and little else."""
     root = SHARED / "strecha_entry-P10_half" / "images"
     feats = tmp_path / "features.h5"
     extract.main(preset, root, feats, image_list=["0000.jpg", "0002.jpg"], progress=False)
@@ -317,6 +324,6 @@ def test_real_descriptors_same_as_reference(tmp_path, preset):
     assert (ref >= 0).sum() > 500
     found, own = agreement(exact, ref)
     assert found > 0.9995 and own > 0.9995  # float rounding apart: the same
-    screened, _ = match_descriptors(d0, d1, normalized=True, cross_ratio=True)
+    screened, _ = match_descriptors(d0, d1, normalized=True, cross_ratio=True, screen="auto")
     found, own = agreement(screened, ref)
     assert found > 0.99 and own > 0.99
