@@ -279,10 +279,7 @@ class MatchWorker:
         from . import matching
 
         self.conf = matching.resolve_conf(conf)
-        self.opts = dict(ratio=self.conf["ratio"], mutual=self.conf["mutual"],
-                         distance_threshold=self.conf["distance_threshold"], metric=self.conf["metric"],
-                         normalized=True, block_rows=int(self.conf["block_rows"]),
-                         cross_ratio=bool(self.conf.get("cross_ratio", False)))
+        self.opts = matching.match_options(self.conf)
         self.cache = None
         if features_path is not None:
             import h5py

@@ -1,4 +1,6 @@
-"""Descriptor matching: mutual nearest neighbours with Lowe's ratio test, vectorised, batched over image pairs.
+"""Descriptor matching: mutual nearest neighbours with Lowe's ratio test, batched over image pairs; one pass over
+cache-sized tiles of the similarity matrix (numba kernels in :mod:`cd_sfm.matching_kernels`) keeps the top values of
+every row and column at once, optionally after a screen on the pair's principal axes (see :func:`match_descriptors`).
 
 Usage from Python, as hloc's ``match_features.main``::
 
@@ -13,8 +15,10 @@ match, 0 when unmatched). Pairs already in the file in either order are skipped;
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +49,12 @@ confs: dict[str, dict] = {
     "NN-mutual": {"output": "matches-NN-mutual", "ratio": None, "mutual": True, "distance_threshold": None},
 }
 
+SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
+SCREEN_ENERGY = 0.7  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
+SCREEN_MIN_KEYPOINTS = 6144  # smaller sets are matched exactly: the screen would not pay
+FUSED_MIN_PAIRS = 3000 * 3000  # smaller pairs: the reference matcher (faster there: no tiles, no threads)
+TILE = 512  # similarity tiles of TILE x TILE float32 (1 MiB: cache-resident)
+
 DEFAULT_CONF = {
     "ratio": 0.8,
     "mutual": True,
@@ -53,8 +63,11 @@ DEFAULT_CONF = {
     "batch_size": 64,  # pairs matched between progress / write steps
     "cache_mb": 1024,  # LRU cache of normalised descriptors
     "block_rows": 2048,  # rows of the similarity matrix computed at once (memory: block_rows * N1 * 4 bytes)
-    "num_workers": 1,  # threads matching pairs of a batch in parallel (BLAS already uses all cores)
+    "num_workers": 1,  # pairs of a batch matched in parallel (each pair already uses `threads` threads)
     "cross_ratio": False,  # ratio test both ways (COLMAP's cross check); see match_descriptors
+    "screen": 0,  # principal-axes screen before the exact decision ("auto", an int; 0 = off, exact); see there
+    "screen_k": SCREEN_K,  # candidates per row / column the screen keeps
+    "threads": None,  # threads per pair (None: the usable cores / num_workers)
 }
 
 
@@ -71,13 +84,24 @@ def resolve_conf(conf: dict | str | None) -> dict:
     return out
 
 
+def match_options(conf: dict) -> dict:
+    """Keyword arguments of :func:`match_descriptors` for a resolved matching configuration (normalised input)."""
+    workers = max(1, int(conf.get("num_workers", 1)))
+    threads = conf.get("threads")
+    return dict(ratio=conf["ratio"], mutual=conf["mutual"], distance_threshold=conf["distance_threshold"],
+                metric=conf["metric"], normalized=True, block_rows=int(conf["block_rows"]),
+                cross_ratio=bool(conf.get("cross_ratio", False)), screen=conf.get("screen", 0),
+                screen_k=int(conf.get("screen_k", SCREEN_K)),
+                threads=int(threads) if threads else max(1, default_threads() // workers))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # one pair
 
 
 def normalize(desc: np.ndarray) -> np.ndarray:
     """(N, D) descriptors as float32 with unit L2 rows (zero rows stay zero)."""
-    d = np.asarray(desc, np.float32)
+    d = np.ascontiguousarray(desc, np.float32)
     if d.ndim != 2:
         raise ValueError(f"descriptors must be (N, D), got shape {d.shape}")
     norm = np.linalg.norm(d, axis=1, keepdims=True)
@@ -91,7 +115,7 @@ def _distance(sim: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
 
 
-def match_descriptors(
+def match_descriptors_reference(
     d0: np.ndarray,
     d1: np.ndarray,
     ratio: float | None = 0.8,
@@ -102,7 +126,8 @@ def match_descriptors(
     block_rows: int = 2048,
     cross_ratio: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Match descriptors ``d0`` (N0, D) to ``d1`` (N1, D) by nearest neighbour of their L2-normalised forms.
+    """The matcher as it was before the fused kernels (kept verbatim: the fallback without numba, and the reference
+    of the tests and of ``scripts/bench_match.py``). Match descriptors ``d0`` (N0, D) to ``d1`` (N1, D) by nearest neighbour of their L2-normalised forms.
 
     A nearest neighbour j of i is kept when (all that apply): ``dist(i, j) < ratio * dist(i, second nearest)``
     (passes when N1 == 1), ``dist(i, j) <= distance_threshold``, and i is j's nearest neighbour (``mutual``).
@@ -169,6 +194,232 @@ def match_descriptors(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the fused matcher (numba kernels; falls back to the reference without numba)
+
+
+_blas = None  # threadpoolctl controller, made on first use
+
+
+def _kernels():
+    """The numba kernels, or None where numba is not installed (the reference matcher is used then)."""
+    global _kernel_module
+    if _kernel_module is None:
+        try:
+            from . import matching_kernels
+        except ImportError:  # pragma: no cover - numba is a dependency; kept for stripped installs
+            logger.warning("numba is not installed: matching falls back to the slower numpy matcher")
+            matching_kernels = False
+        _kernel_module = matching_kernels
+    return _kernel_module or None
+
+
+_kernel_module = None
+
+
+def _single_threaded_blas():
+    """A context in which BLAS runs on one thread (our threads split the work; BLAS threads on small tiles only fight
+    over the cores), or a no-op without threadpoolctl."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = ThreadpoolController()
+        except ImportError:  # pragma: no cover
+            _blas = False
+    if _blas:
+        return _blas.limit(limits=1, user_api="blas")
+    return contextlib.nullcontext()
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def gram(desc: np.ndarray) -> np.ndarray:
+    """(D + 1, D + 1) float64 moments of (N, D) descriptors: ``[d, 1].T @ [d, 1]`` (second moments, sums, count).
+    The screen's basis of a pair comes from ``gram(d0) + gram(d1)`` (pass them to :func:`match_descriptors` to
+    compute them once per image)."""
+    d = np.asarray(desc, np.float32)
+    g = np.empty((d.shape[1] + 1,) * 2, np.float64)
+    with _single_threaded_blas():  # the same rounding wherever it is called from
+        g[:-1, :-1] = d.T @ d
+    g[:-1, -1] = g[-1, :-1] = d.sum(0, dtype=np.float64)
+    g[-1, -1] = len(d)
+    return g
+
+
+def screen_basis(g: np.ndarray, n0: int, n1: int, dims: int | str | None = "auto") -> np.ndarray | None:
+    """(D, k) float32 orthonormal basis the screen projects a pair onto (None: match exactly), from the pair's
+    moments ``g`` (:func:`gram`): the mean direction, then the principal axes of the centred descriptors (the mean
+    carries most of the energy of non-negative descriptors such as RootSIFT and tells none of them apart). "auto":
+    the fewest axes (a multiple of 8, at least D / 4) holding ``SCREEN_ENERGY`` of the centred variance, if at most
+    half of D."""
+    D = g.shape[0] - 1
+    if dims in (None, 0, False) or min(n0, n1) < SCREEN_MIN_KEYPOINTS or g[-1, -1] <= 0:
+        return None
+    mean = g[:-1, -1] / g[-1, -1]
+    cov = g[:-1, :-1] / g[-1, -1] - np.outer(mean, mean)
+    norm = np.linalg.norm(mean)
+    u = mean / norm if norm > 1e-6 else None
+    if u is not None:  # the axes orthogonal to the mean
+        q = np.eye(D) - np.outer(u, u)
+        cov = q @ cov @ q
+    w, v = np.linalg.eigh(cov)
+    w, v = np.clip(w[::-1], 0, None), v[:, ::-1]
+    if dims == "auto":
+        if w.sum() <= 0:
+            return None
+        k = int(np.searchsorted(np.cumsum(w) / w.sum(), SCREEN_ENERGY) + 1)
+        k = max(-(-k // 8) * 8, D // 4)  # never fewer than a quarter (RootSIFT: 16 axes hold 70 %, too few)
+        if k > D // 2:
+            return None
+    else:
+        k = int(dims)
+        if not 0 < k < D:
+            return None
+    axes = v[:, : k - 1] if u is not None else v[:, :k]
+    basis = np.concatenate([u[:, None], axes], axis=1) if u is not None else axes
+    return np.ascontiguousarray(basis, np.float32)
+
+
+def _top_lists(kern, a, b, T, threads):
+    """Row and column top-T lists (values, indices) of the similarity matrix ``a @ b.T``, tile by tile. Threads take
+    interleaved row bands, each with its own column lists; the column lists come back side by side (N1, T * threads)."""
+    n0, n1 = len(a), len(b)
+    cols_t = [(c, np.ascontiguousarray(b[c : c + TILE].T)) for c in range(0, n1, TILE)]
+    rows = _empty_lists(n0, T)
+    bands = list(range(0, n0, TILE))
+    threads = max(1, min(threads, len(bands)))
+
+    def work(w):
+        cols = _empty_lists(n1, T)
+        buf = np.empty(TILE * TILE, np.float32)
+        for r0 in bands[w::threads]:
+            blk = a[r0 : r0 + TILE]
+            for c0, bt in cols_t:
+                S = buf[: len(blk) * bt.shape[1]].reshape(len(blk), bt.shape[1])
+                np.matmul(blk, bt, out=S)
+                kern.topk_tile(S, r0, c0, rows, cols)
+        return cols[:2]
+
+    if threads == 1:
+        parts = [work(0)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(work, range(threads)))
+    cv = np.concatenate([p[0] for p in parts], axis=1)
+    ci = np.concatenate([p[1] for p in parts], axis=1)
+    return rows[0], rows[1], cv, ci
+
+
+def _empty_lists(n: int, T: int) -> tuple:
+    """n empty top-T lists for :func:`cd_sfm.matching_kernels.topk_tile`: values, indices, bars, slots of the bars."""
+    return (np.full((n, T), -np.inf, np.float32), np.full((n, T), -1, np.int32), np.full(n, -np.inf, np.float32),
+            np.zeros(n, np.int64))
+
+
+def match_descriptors(
+    d0: np.ndarray,
+    d1: np.ndarray,
+    ratio: float | None = 0.8,
+    mutual: bool = True,
+    distance_threshold: float | None = None,
+    metric: str = "l2",
+    normalized: bool = False,
+    block_rows: int = 2048,
+    cross_ratio: bool = False,
+    screen: int | str | None = 0,
+    screen_k: int = SCREEN_K,
+    threads: int | None = None,
+    grams: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Match descriptors ``d0`` (N0, D) to ``d1`` (N1, D) by nearest neighbour of their L2-normalised forms.
+
+    A nearest neighbour j of i is kept when (all that apply): ``dist(i, j) < ratio * dist(i, second nearest)``
+    (passes when N1 == 1), ``dist(i, j) <= distance_threshold``, and i is j's nearest neighbour (``mutual``).
+    ``metric`` is "l2" (Euclidean) or "angle" (radians). ``normalized``: the inputs already have unit rows (float32).
+    ``cross_ratio``: the ratio test must also pass the other way (j's nearest neighbour i against j's second nearest
+    in ``d0``), as COLMAP's cross check does; it drops ambiguous matches on repeated structures.
+
+    One pass over the similarity matrix, in cache-sized tiles, keeps the top values of every row and every column at
+    once (numba kernels, ``threads`` threads over row bands; default: the usable cores), so the cross ratio costs no
+    second product. ``screen`` (off by default): with "auto" and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on
+    each side, that pass runs on the descriptors projected onto the pair's mean direction and principal axes
+    (:func:`screen_basis`; 48-56 of 128 for ContextDesc), keeping ``screen_k`` candidates per row and column, whose
+    exact similarities then decide: the same matches but for a rare candidate the projection ranked too low. It
+    pays only where the similarity product is the bottleneck (measured faster on a loaded 2-core machine, not on an
+    idle one: see ``scripts/bench_match.py``). An int: that many axes; 0 / None: exact.
+    ``grams``: ``(gram(d0), gram(d1))`` precomputed. Without numba, and for pairs of fewer than ``FUSED_MIN_PAIRS``
+    similarities (where it is faster): :func:`match_descriptors_reference` (``block_rows`` rows at a time).
+
+    Returns ``matches0`` (N0,) int32 (-1 = unmatched) and ``scores0`` (N0,) float32 = (cosine + 1) / 2 (0 unmatched).
+    """
+    kern = _kernels()
+    if kern is None or len(d0) * len(d1) < FUSED_MIN_PAIRS:
+        return match_descriptors_reference(d0, d1, ratio=ratio, mutual=mutual, distance_threshold=distance_threshold,
+                                           metric=metric, normalized=normalized, block_rows=block_rows,
+                                           cross_ratio=cross_ratio)
+    with _single_threaded_blas():
+        return _match_fused(kern, d0, d1, ratio, mutual, distance_threshold, metric, normalized, cross_ratio, screen,
+                            screen_k, threads, grams)
+
+
+def _match_fused(kern, d0, d1, ratio, mutual, distance_threshold, metric, normalized, cross_ratio, screen, screen_k,
+                 threads, grams):
+    n0, n1 = len(d0), len(d1)
+    matches0 = np.full(n0, -1, np.int32)
+    scores0 = np.zeros(n0, np.float32)
+    if n0 == 0 or n1 == 0:
+        return matches0, scores0
+    if not normalized:
+        d0, d1 = normalize(d0), normalize(d1)
+    if d0.shape[1] != d1.shape[1]:
+        raise ValueError(f"descriptors of sizes {d0.shape[1]} and {d1.shape[1]} differ")
+    d0 = np.ascontiguousarray(d0, np.float32)
+    d1 = np.ascontiguousarray(d1, np.float32)
+    threads = default_threads() if threads is None else max(1, int(threads))
+    basis = None
+    if screen and min(n0, n1) >= SCREEN_MIN_KEYPOINTS:
+        g = grams[0] + grams[1] if grams is not None else gram(d0) + gram(d1)
+        basis = screen_basis(g, n0, n1, screen)
+    if basis is not None:
+        T = max(2, int(screen_k))
+        _, ri, _, ci = _top_lists(kern, d0 @ basis, d1 @ basis, T, threads)
+        best, nn, second, col_best, col_second = kern.screen_top2(d0, d1, ri, ci)
+    else:
+        rv, ri, cv, ci = _top_lists(kern, d0, d1, 2, threads)
+        best, nn, second = kern.top2(rv, ri)
+        col_best, _, col_second = kern.top2(cv, ci)
+
+    # the decisions of match_descriptors_reference, on these values
+    dist = _distance(best, metric)
+    keep = nn >= 0
+    nn = np.maximum(nn, 0)
+    if ratio is not None and n1 > 1:
+        keep &= dist < ratio * _distance(second, metric)
+    if distance_threshold is not None:
+        keep &= dist <= distance_threshold
+    if mutual:
+        is_max = best >= col_best[nn]
+        cand = np.flatnonzero(is_max)
+        _, first = np.unique(nn[cand], return_index=True)
+        mutual_ok = np.zeros(n0, bool)
+        mutual_ok[cand[first]] = True
+        keep &= mutual_ok
+    if cross_ratio and ratio is not None and n0 > 1:
+        # j's best among the rows other than i: its second when i is its best, else its best
+        other = np.where(best == col_best[nn], col_second[nn], col_best[nn])
+        keep &= dist < ratio * _distance(other, metric)
+    matches0[keep] = nn[keep]
+    scores0[keep] = (np.clip(best[keep], -1.0, 1.0) + 1.0) / 2.0
+    return matches0, scores0
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # many pairs
 
 
@@ -182,18 +433,28 @@ class DescriptorCache:
         self.loads = 0
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def get(self, name: str) -> np.ndarray:
+    def _entry(self, name: str) -> list:
         if name in self._items:
             self._items.move_to_end(name)
             return self._items[name]
         d = normalize(self.hfile[name]["descriptors"][()].T)  # stored (D, N)
         self.loads += 1
-        self._items[name] = d
+        self._items[name] = entry = [d, None]
         self.nbytes += d.nbytes
         while self.nbytes > self.max_bytes and len(self._items) > 1:
             _, old = self._items.popitem(last=False)
-            self.nbytes -= old.nbytes
-        return d
+            self.nbytes -= old[0].nbytes
+        return entry
+
+    def get(self, name: str) -> np.ndarray:
+        return self._entry(name)[0]
+
+    def gram(self, name: str) -> np.ndarray:
+        """:func:`gram` of the image's descriptors, computed once while the image is cached."""
+        entry = self._entry(name)
+        if entry[1] is None:
+            entry[1] = gram(entry[0])
+        return entry[1]
 
 
 def _pair_done(a: str, b: str, done: set[str]) -> bool:
@@ -273,9 +534,7 @@ def main(
     matched = 0
     total_matches = 0
     if todo:
-        opts = dict(ratio=conf["ratio"], mutual=conf["mutual"], distance_threshold=conf["distance_threshold"],
-                    metric=conf["metric"], normalized=True, block_rows=int(conf["block_rows"]),
-                    cross_ratio=bool(conf.get("cross_ratio", False)))
+        opts = match_options(conf)
         with h5py.File(features_path, "r", libver="latest") as hfile:
             # size the tiles so that two tiles of images fit in the cache
             shape = hfile[todo[0][0]]["descriptors"].shape
@@ -297,9 +556,11 @@ def main(
                             if d0.shape[1] != d1.shape[1] and len(d0) and len(d1):
                                 raise CdSfmError(f"{features_path}: descriptors of {a} and {b} differ in size "
                                                  f"({d0.shape[1]} vs {d1.shape[1]}); mixed feature types?")
+                        descs = [(d0, d1, (cache.gram(a), cache.gram(b)) if opts["screen"] else None)
+                                 for (a, b), (d0, d1) in zip(batch, descs)]
 
                         def run(ds):
-                            return match_descriptors(ds[0], ds[1], **opts)
+                            return match_descriptors(ds[0], ds[1], grams=ds[2], **opts)
 
                         results = pool.map(run, descs) if pool else map(run, descs)
                         for (a, b), (m0, s0) in zip(batch, results):

@@ -9,7 +9,7 @@ from cd_sfm import matching
 from cd_sfm.features import extract
 from cd_sfm.io import CdSfmError, H5Appender, completed_names, features_to_h5, names_to_pair, read_features, \
     read_matches, write_pairs
-from cd_sfm.matching import match_descriptors
+from cd_sfm.matching import match_descriptors, match_descriptors_reference
 
 
 def correlated(n0, n1, n_common, d=32, noise=0.35, seed=0):
@@ -188,3 +188,142 @@ def test_hpatches_rootsift_pipeline(tmp_path):
     p = np.c_[k0, np.ones(len(k0))] @ H.T
     err = np.linalg.norm(p[:, :2] / p[:, 2:] - k1, axis=1)
     assert len(m) > 200 and np.mean(err < 3) > 0.8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the fused matcher against the reference (the matcher as it was, kept verbatim)
+
+DEFAULT = dict(ratio=0.8, mutual=True, distance_threshold=None, metric="l2", cross_ratio=True)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused kernels even for small pairs (which otherwise go to the reference matcher)."""
+    monkeypatch.setattr(matching, "FUSED_MIN_PAIRS", 0)
+
+
+def assert_same(d0, d1, **kw):
+    opts = {**DEFAULT, **kw}
+    ref, ref_s = match_descriptors_reference(d0, d1, **{k: v for k, v in opts.items() if k not in ("screen", "threads")})
+    m, s = match_descriptors(d0, d1, **opts)
+    assert m.dtype == np.int32 and s.dtype == np.float32 and m.shape == ref.shape
+    np.testing.assert_array_equal(m, ref)
+    np.testing.assert_allclose(s, ref_s, atol=1e-6)
+    return m
+
+
+def low_rank(n, d=128, rank=24, seed=0):
+    """Descriptors with a decaying spectrum (most energy in a few axes, as learned descriptors have)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    scale = np.exp(-np.arange(d) / rank)
+    return (rng.standard_normal((n, d)) * scale) @ basis.T
+
+
+@pytest.mark.parametrize("n0,n1,d", [(300, 250, 128), (1100, 700, 64), (513, 1025, 32), (40, 2000, 128)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_same_as_reference_random(n0, n1, d, threads, fused):
+    d0, d1, _ = correlated(n0, n1, min(n0, n1) // 2, d=d, noise=0.3, seed=n0 + n1)
+    m = assert_same(d0, d1, threads=threads)
+    assert (m >= 0).sum() > min(n0, n1) // 4
+    assert_same(d0, d1, threads=threads, cross_ratio=False)
+
+
+@pytest.mark.parametrize("kw", [dict(ratio=None), dict(mutual=False), dict(ratio=0.9, distance_threshold=0.6),
+                                dict(metric="angle", distance_threshold=0.7), dict(ratio=None, mutual=False)])
+def test_fused_same_as_reference_options(kw, fused):
+    d0, d1, _ = correlated(700, 600, 300, d=64, noise=0.4, seed=3)
+    assert_same(d0, d1, **kw)
+
+
+def test_fused_ties_and_edges(fused):
+    rng = np.random.default_rng(5)
+    # +-1 vectors of 64 dims: unit rows of +-1/8, every similarity an exact multiple of 1/64 whatever the order of
+    # the sums (BLAS rounding would otherwise break the ties differently), with repeated rows on both sides: exact
+    # ties everywhere (the first index wins, as argmax decides)
+    d = np.sign(rng.standard_normal((600, 64))).astype(np.float32)
+    d0 = np.concatenate([d[:300], d[:50], d[100:110]])
+    d1 = np.concatenate([d[250:], d[:40], d[280:300]])
+    for cross in (True, False):
+        for mutual in (True, False):
+            assert_same(d0, d1, cross_ratio=cross, mutual=mutual, ratio=0.8)
+            assert_same(d0, d1, cross_ratio=cross, mutual=mutual, ratio=None)
+    assert_same(np.tile(d[:1], (5, 1)), np.tile(d[1:2], (7, 1)))  # all equal
+    for a, b in [(d[:1], d), (d, d[:1]), (d[:1], d[1:2]), (d[:1], d[:1]), (d, d[3:4])]:  # N == 1
+        assert_same(a, b)
+        assert_same(a, b, cross_ratio=False)
+    for a, b in [(d, d[:0]), (d[:0], d), (d[:0], d[:0])]:  # empty
+        m, s = match_descriptors(a, b)
+        assert m.dtype == np.int32 and m.shape == (len(a),) and (m < 0).all() and s.shape == (len(a),)
+    with pytest.raises(ValueError):
+        match_descriptors(d, np.ones((3, 4), np.float32))
+
+
+def agreement(m, ref):
+    a = set(zip(np.flatnonzero(m >= 0).tolist(), m[m >= 0].tolist()))
+    b = set(zip(np.flatnonzero(ref >= 0).tolist(), ref[ref >= 0].tolist()))
+    return len(a & b) / max(len(b), 1), len(a & b) / max(len(a), 1)
+
+
+def test_screen_structured(fused):
+    """Low-rank descriptors engage the screen ("auto": few axes hold the energy); its matches are the reference's."""
+    n = matching.SCREEN_MIN_KEYPOINTS + 500
+    base = low_rank(n + 1000, seed=1)
+    rng = np.random.default_rng(2)
+    noise = 0.05 * np.abs(base).mean()
+    d0 = base[:n] + noise * rng.standard_normal((n, 128))
+    d1 = np.concatenate([base[1000:] + noise * rng.standard_normal((n, 128)), low_rank(500, seed=9)])
+    d0, d1 = matching.normalize(d0), matching.normalize(d1)
+    basis = matching.screen_basis(matching.gram(d0) + matching.gram(d1), len(d0), len(d1))
+    assert basis is not None and basis.shape[0] == 128 and basis.shape[1] <= 64
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
+    ref, _ = match_descriptors_reference(d0, d1, normalized=True, cross_ratio=True)
+    m, s = match_descriptors(d0, d1, normalized=True, cross_ratio=True, screen="auto",
+                             grams=(matching.gram(d0), matching.gram(d1)))
+    assert (ref >= 0).sum() > 1000
+    found, own = agreement(m, ref)
+    assert found > 0.99 and own > 0.99
+    both = (m >= 0) & (m == ref)
+    np.testing.assert_allclose(s[both], (np.sum(d0[both] * d1[m[both]], 1) + 1) / 2, atol=1e-6)
+    # flat spectrum (random descriptors): the screen stays off, the result is the reference's
+    flat = matching.normalize(correlated(7000, 10, 5, d=128)[0])
+    assert matching.screen_basis(matching.gram(flat), 7000, 7000) is None
+
+
+def test_fallback_without_numba(monkeypatch):
+    d0, d1, _ = correlated(200, 150, 80, d=32, seed=4)
+    monkeypatch.setattr(matching, "_kernel_module", False)
+    m, _ = match_descriptors(d0, d1, cross_ratio=True)
+    ref, _ = match_descriptors_reference(d0, d1, cross_ratio=True)
+    np.testing.assert_array_equal(m, ref)
+
+
+def test_match_options_from_conf(fused):
+    conf = matching.resolve_conf({**matching.confs["NN-ratio"], "cross_ratio": True, "screen": 0, "num_workers": 2})
+    opts = matching.match_options(conf)
+    assert opts["screen"] == 0 and opts["cross_ratio"] and opts["normalized"] and opts["threads"] >= 1
+    d0, d1, _ = correlated(300, 200, 100, d=32, seed=6)
+    m, _ = match_descriptors(matching.normalize(d0), matching.normalize(d1), **opts)
+    np.testing.assert_array_equal(m, match_descriptors_reference(d0, d1, cross_ratio=True)[0])
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "strecha_entry-P10_half").is_dir(), reason="needs ../shared/data/strecha_entry-P10_half")
+@pytest.mark.parametrize("preset", ["rootsift", pytest.param("contextdesc", marks=pytest.mark.slow)])
+def test_real_descriptors_same_as_reference(tmp_path, preset, fused):
+    """Real photos, the pipeline's default matching: the fused pass gives the reference's matches; the screen
+    ("auto") more than 99 % of them and little else."""
+    root = SHARED / "strecha_entry-P10_half" / "images"
+    feats = tmp_path / "features.h5"
+    extract.main(preset, root, feats, image_list=["0000.jpg", "0002.jpg"], progress=False)
+    d0 = matching.normalize(read_features(feats, "0000.jpg")["descriptors"])
+    d1 = matching.normalize(read_features(feats, "0002.jpg")["descriptors"])
+    assert min(len(d0), len(d1)) >= 4096
+    ref, _ = match_descriptors_reference(d0, d1, normalized=True, cross_ratio=True)
+    exact, _ = match_descriptors(d0, d1, normalized=True, cross_ratio=True, screen=0)
+    assert (ref >= 0).sum() > 500
+    found, own = agreement(exact, ref)
+    assert found > 0.9995 and own > 0.9995  # float rounding apart: the same
+    screened, _ = match_descriptors(d0, d1, normalized=True, cross_ratio=True, screen="auto")
+    found, own = agreement(screened, ref)
+    assert found > 0.99 and own > 0.99
