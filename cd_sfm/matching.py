@@ -27,10 +27,10 @@ from typing import Iterable
 
 import h5py
 import numpy as np
-from .progress import tqdm
 
-from .io import CdSfmError, H5Appender, completed_names, list_h5_names, merge_parts, names_to_pair, \
-    names_to_pair_old, parse_pairs
+from .io import ATTRS_KEY, CdSfmError, H5Appender, check_feature_entry, check_file_settings, completed_names, \
+    entry_attrs, file_settings, list_h5_names, merge_parts, names_to_pair, names_to_pair_old, parse_pairs
+from .progress import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -437,6 +437,7 @@ class DescriptorCache:
         if name in self._items:
             self._items.move_to_end(name)
             return self._items[name]
+        check_feature_entry(self.hfile[name], name, self.hfile.filename, need_descriptors=True)
         d = normalize(self.hfile[name]["descriptors"][()].T)  # stored (D, N)
         self.loads += 1
         self._items[name] = entry = [d, None]
@@ -471,6 +472,38 @@ def _tile_order(pairs: list[tuple[str, str]], tile: int) -> list[tuple[str, str]
         return (min(ta, tb), max(ta, tb))
 
     return sorted(pairs, key=key)  # stable: the original order inside a tile
+
+
+MATCH_RESULT_KEYS = ("ratio", "mutual", "distance_threshold", "metric", "cross_ratio", "screen", "screen_k")
+
+
+def matching_settings(conf: dict, features_path: Path) -> dict:
+    """What makes two match files comparable (stamped in ``matches.h5``, checked on resume): the options that change
+    the matches, and the settings stamp of the feature file they were made from."""
+    return {"matching": {k: conf.get(k) for k in MATCH_RESULT_KEYS}, "features": file_settings(features_path)}
+
+
+def _version(attrs: dict) -> str:
+    return f"{attrs['source_size']}:{attrs['source_mtime_ns']}" if "source_size" in attrs else ""
+
+
+def _stale_pairs(matches_path: Path, done: set[str], versions: dict[str, str]) -> set[str]:
+    """Pair keys in the match file made from other versions of their images than those now in the feature file
+    (an image replaced in place and extracted again). Entries without a record count as current."""
+    by_key: dict[str, tuple[str, str]] = {}
+    for n, v in versions.items():
+        by_key[n.replace("/", "-")] = (n, v)
+    stale = set()
+    for key, attrs in entry_attrs(matches_path, done).items():
+        rec = attrs.get("features")
+        if rec is None or len(rec) != 2:
+            continue
+        parts = key.split("/")
+        if len(parts) != 2 or parts[0] not in by_key or parts[1] not in by_key:
+            continue
+        if [by_key[parts[0]][1], by_key[parts[1]][1]] != [str(x) for x in rec]:
+            stale.add(key)
+    return stale
 
 
 def main(
@@ -512,12 +545,20 @@ def main(
     except OSError as e:
         raise CdSfmError(f"{features_path}: unreadable feature file ({e})") from e
 
+    settings = matching_settings(conf, features_path)
+    if not overwrite:
+        check_file_settings(matches_path, settings, "matches")
     done = set() if overwrite else completed_names(matches_path)
+    # each image's version (its file's size and time when its features were extracted): a pair is reused only if
+    # both of its images are still the ones it was matched with
+    versions = {n: _version(a) for n, a in entry_attrs(features_path, sorted({n for p in unique for n in p}
+                                                                              if have else [])).items()}
+    stale = _stale_pairs(matches_path, done, versions) if done else set()
     skipped: dict[str, str] = {}
     todo = []
     reused = 0
     for a, b in unique:
-        if done and _pair_done(a, b, done):
+        if done and _pair_done(a, b, done) and names_to_pair(a, b) not in stale and names_to_pair(b, a) not in stale:
             reused += 1
             continue
         missing = [n for n in (a, b) if n not in have]
@@ -546,7 +587,8 @@ def main(
             workers = max(1, int(conf["num_workers"]))
             pool = ThreadPoolExecutor(workers) if workers > 1 else None
             try:
-                with H5Appender(matches_path, flush_every=1024, flush_seconds=30) as out, \
+                # a part file every 1024 pairs or two seconds: a killed run loses at most that much work
+                with H5Appender(matches_path, flush_every=1024, flush_seconds=2.0, settings=settings) as out, \
                         tqdm(total=len(todo), desc="match", unit="pair", disable=not progress) as bar:
                     bs = max(1, int(conf["batch_size"]))
                     for i in range(0, len(todo), bs):
@@ -564,7 +606,9 @@ def main(
 
                         results = pool.map(run, descs) if pool else map(run, descs)
                         for (a, b), (m0, s0) in zip(batch, results):
-                            out.add(names_to_pair(a, b), {"matches0": m0, "matching_scores0": s0.astype(np.float16)})
+                            out.add(names_to_pair(a, b), {"matches0": m0, "matching_scores0": s0.astype(np.float16),
+                                                          ATTRS_KEY: {"features": [versions.get(a, ""),
+                                                                                   versions.get(b, "")]}})
                             total_matches += int((m0 >= 0).sum())
                             matched += 1
                         bar.update(len(batch))

@@ -374,3 +374,22 @@ def test_int8_interpreters_built_in_threads_never_lose_stderr():
             t.join()
         now = os.fstat(2)
         assert (now.st_dev, now.st_ino) == (real.st_dev, real.st_ino)
+
+
+def test_matches_of_a_replaced_image_are_made_again(scene, tmp_path):
+    d = _folder(tmp_path, scene, scene.names[:3])
+    out = tmp_path / "out"
+    args = ["reconstruct", d, out, "--features", "sift", "--max-keypoints", "1024", "--camera-mode", "single",
+            "--pairs", "exhaustive", "-q"]
+    assert run_cli(*args).returncode == 0
+    with h5py.File(out / "matches.h5", "r") as f:
+        assert json.loads(f.attrs["cd_sfm_settings"])["matching"]["ratio"] == 0.8
+    shutil.copy(scene.image_dir / scene.names[4], d / scene.names[1])
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    s = json.loads((out / "summary.json").read_text())
+    # 3 pairs: the one without the replaced image is reused, the two with it are matched again
+    assert (s["features_reused"], s["pairs_reused"], s["pairs_matched"]) == (2, 1, 2)
+    (out / "config.yaml").unlink()  # the stamp in matches.h5 alone refuses other matching settings
+    p = run_cli(*args, "--ratio", "0.7", "-qq")
+    assert p.returncode == 2 and "matches.h5: matches made with other settings" in error_line(p)
