@@ -73,6 +73,9 @@ def pipeline_options(conf: dict):
         opts = pycolmap.HierarchicalPipelineOptions()
     else:
         raise CdSfmError(f"mapper {mapper!r}: expected one of {', '.join(MAPPERS)}")
+    if mapper == "global" and not getattr(pycolmap, "has_cuda", False):  # no CUDA build: no GPU solver to ask for
+        opts.mapper.bundle_adjustment.ceres.use_gpu = False
+        opts.mapper.global_positioning.use_gpu = False
     _apply(opts, conf.get("options") or {}, "")
     seed = conf.get("seed")
     if seed is not None and int(seed) >= 0:
@@ -150,12 +153,13 @@ def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: P
     agreement with the verified two-view geometries (:mod:`.consistency`)."""
     from .consistency import agreement
 
+    t = time.perf_counter()
     models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress)
     best = models[0] if models else None
     ag = agreement(best, database_path)
     return {"mapper": conf["mapper"], "seed": seed, "registered": best.num_reg_images() if best else 0,
             "points": best.num_points3D() if best else 0, "agreement": ag["agreeing_pairs"],
-            "pairs_checked": ag["pairs"], "models": models}
+            "pairs_checked": ag["pairs"], "seconds": round(time.perf_counter() - t, 1), "models": models}
 
 
 def _trusted(t: dict) -> bool:
@@ -220,11 +224,13 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     """Map ``database_path``; returns ``(reconstruction or None, stats)``. See the module docstring for outputs.
     ``progress``: a progress bar of registered images (incremental mapping).
 
-    ``conf["retries"]``: when the largest model leaves out images that have verified pairs, map again up to this many
-    times with the next seeds and keep the attempt whose largest model registers the most images (then has the most
-    points). Incremental mapping can start from an unlucky initial pair and then keep a small first model; another
-    attempt sometimes gets past it (not always: the initial pair order is mostly fixed by the matches). Retries only happen for databases of at most ``retry_max_images`` images, where
-    mapping is cheap next to feature extraction and matching.
+    When the largest model does not register every image of the largest connected component of verified pairs with
+    a model that agrees with the two-view geometries (see :mod:`.consistency`), it maps again: first with the other
+    mapper (``conf["fallback"]``, global for incremental and the other way round, up to ``fallback_max_images``),
+    then with the next seeds (``conf["retries"]`` times, up to ``retry_max_images`` images: incremental mapping can
+    start from an unlucky initial pair and keep a small first model), and keeps the trusted attempt that registers
+    the most images (then has the most points); an untrusted alternative never replaces the configured mapper's
+    model. ``stats["tried"]`` lists every attempt.
     """
     conf = {**default_conf, **(conf or {})}
     database_path, image_dir, output_dir = Path(database_path), Path(image_dir), Path(output_dir)
@@ -239,23 +245,25 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     num_images = _num_connected_images(database_path, _min_num_matches(pipeline_options(conf)))
     retries = int(conf.get("retries") or 0) if num_images <= int(conf.get("retry_max_images") or 0) else 0
     logger.info("Mapping (%s) ...", conf["mapper"])
+    # the configured mapper; then, while no attempt has registered the whole component with a trusted model: the
+    # other mapper once (cheap next to a retry, and the one that succeeds on forward motion and forward-facing
+    # captures where incremental mapping finds no good initial pair), then the configured one with the next seeds
+    other = OTHER_MAPPER.get(conf["mapper"])
+    use_other = bool(conf.get("fallback")) and other is not None and \
+        num_images <= int(conf.get("fallback_max_images") or 0)
+    plan = [(conf, seed)]
+    if use_other:
+        plan.append(({**conf, "mapper": other, "options": conf.get("fallback_options") or {}}, seed))
+    plan += [(conf, seed + k if seed >= 0 else -1) for k in range(1, retries + 1)]
     tried: list[dict] = []
-    for attempt in range(retries + 1):
-        s = seed + attempt if seed >= 0 else -1
-        tried.append(_attempt(conf, s, database_path, image_dir, tmp, num_images, progress))
+    for c, s in plan:
+        if tried:
+            best_now = max(tried, key=_rank)
+            logger.info("Mapping: best so far %d of %d images%s; trying %s (seed %s)", best_now["registered"],
+                        num_images, "" if _trusted(best_now) else " (model not trusted)", c["mapper"], s)
+        tried.append(_attempt(c, s, database_path, image_dir, tmp, num_images, progress))
         if _complete(tried[-1], num_images):
             break
-        if attempt < retries:
-            logger.info("Mapping attempt %d registered %d of %d images; trying seed %s", attempt + 1,
-                        tried[-1]["registered"], num_images, s + 1 if s >= 0 else "random")
-    other = OTHER_MAPPER.get(conf["mapper"])
-    if conf.get("fallback") and other and num_images <= int(conf.get("fallback_max_images") or 0) \
-            and not any(_complete(t, num_images) for t in tried):
-        best_now = max(tried, key=_rank)
-        logger.info("The %s mapper registered %d of %d images%s; trying the %s mapper", conf["mapper"],
-                    best_now["registered"], num_images, "" if _trusted(best_now) else " (model not trusted)", other)
-        tried.append(_attempt({**conf, "mapper": other, "options": conf.get("fallback_options") or {}}, seed,
-                              database_path, image_dir, tmp, num_images, progress))
     chosen = _choose(tried)
     ranked = chosen["models"]
     if len(tried) > 1:
