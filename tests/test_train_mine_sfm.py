@@ -106,3 +106,35 @@ def test_train_local_runs_on_it(mined, tmp_path):
                                     steps=2, batch=16, val_every=2, val_pairs=32, val_block=16, ckpt_every=1,
                                     log_every=1, warmup=1))
     assert r["step"] == 2 and np.isfinite(r["val"]["val_fpr95"])
+
+
+def test_mine_sfm_pairs_cli_and_augment_training(mined, tmp_path):
+    """Augmentation pairs from the SfM models of 'train mine' (whole keypoint sets, track correspondences, F of the
+    poses), through the CLI; the augmentation trainer reads them with another file mixed in."""
+    pytest.importorskip("tensorflow")
+    from cd_sfm import cli
+    from cd_sfm.geometry import sampson_distance
+    from cd_sfm.train import pair_data as pdata
+    from cd_sfm.train import train_augment as ta
+
+    tracks, _, _, d = mined
+    out = tmp_path / "sfm_pairs.h5"
+    assert cli.main(["train", "mine-sfm-pairs", str(out), str(d / "work"), "--val-from", str(tracks),
+                     "--min-common", "20", "--max-keypoints", "500", "-q"]) == 0
+    data = pdata.read_pairs(out)
+    pairs = data["pairs"]
+    assert pairs and any(p["is_val"] for p in pairs) and not any(p["is_val"] for p in pdata.read_pairs(out, "train")["pairs"])
+    assert data["attrs"]["source"] == "sfm_pairs"
+    p = max(pairs, key=lambda q: len(q["matches"]))
+    m = p["matches"]
+    assert len(m) >= 20 and np.isfinite(p["F"]).all() and np.isnan(p["H"]).all()
+    err = sampson_distance(p["F"], p["kpts"][0][m[:, 0]], p["kpts"][1][m[:, 1]])
+    assert np.median(err) < 2.0  # track correspondences agree with the poses
+    assert p["feat"][0].shape == (len(p["kpts"][0]), 128) and len(p["kpts"][0]) <= 500
+    with pytest.raises(CdSfmError, match="no reconstruction work folders"):
+        pdata.sfm_work_dirs([tmp_path])
+
+    r = ta.train_augment(ta.AugTrainConf(data=str(out), data_extra=[str(out)], run_dir=str(tmp_path / "run"), steps=2,
+                                         pairs_per_step=1, matches_per_pair=16, val_every=2, ckpt_every=1,
+                                         log_every=1, warmup=1, max_kpts=520))
+    assert r["step"] == 2 and np.isfinite(r["val"]["val_top1_aug"])

@@ -22,6 +22,9 @@ SUBCOMMANDS = [
     ("mine-pairs", "image + homographic warp pairs with whole keypoint sets, correspondences and cached local "
                    "descriptors -> .h5 (augmentation training data)",
      "pair_data", "build_parser", "cli_mine_pairs", {}),
+    ("mine-sfm-pairs", "image pairs of SfM reconstructions (whole keypoint sets, track correspondences, F from the "
+                       "poses, cached local descriptors) -> .h5 (augmentation training data with real viewpoint "
+                       "change)", "pair_data", "build_sfm_parser", "cli_mine_sfm_pairs", {}),
     ("augment", "train (or resume) the geometric-only augmentation network on mined pairs",
      "train_augment", "build_parser", "cli_train_augment", {"mode": "augment"}),
     ("e2e", "tune local model + augmentation end to end on mined pairs",

@@ -460,6 +460,67 @@ def cli_mine_pairs(args) -> dict:
     return res
 
 
+def build_sfm_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="cd-sfm train mine-sfm-pairs",
+                                          description="image pairs of SfM reconstructions -> augmentation pair data")
+    p.add_argument("output", help="output .h5")
+    p.add_argument("work_dirs", nargs="+",
+                   help="reconstruction work folders of 'cd-sfm train mine --work-dir' (summary.json, features.h5, "
+                        "sparse/); a folder holding such folders is expanded")
+    p.add_argument("--val-from", required=True,
+                   help="an .h5 of 'cd-sfm train mine' (its held-out images make the validation pairs) or a text "
+                        "file of held-out image paths, one per line")
+    p.add_argument("--local", default="cd-sfm-v1", help="frozen local model: registry name, folder or .npz")
+    d = SfmPairConf()
+    p.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
+    p.add_argument("--min-common", type=int, default=d.min_common, help="co-visible 3D points of a pair")
+    p.add_argument("--pairs-per-scene", type=int, default=d.pairs_per_scene)
+    p.add_argument("--val-pairs-per-scene", type=int, default=d.val_pairs_per_scene)
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+def sfm_work_dirs(paths) -> list[Path]:
+    """Reconstruction work folders among ``paths`` (each one, or the folders directly under it)."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "summary.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(q for q in p.iterdir() if (q / "summary.json").is_file() and (q / "sparse").is_dir())
+        else:
+            raise CdSfmError(f"{p}: not a reconstruction work folder (no summary.json)")
+    if not out:
+        raise CdSfmError(f"{', '.join(map(str, paths))}: no reconstruction work folders (summary.json + sparse/)")
+    return out
+
+
+def held_out_names(path) -> list[str]:
+    """Held-out image paths from a mined .h5 (``val_images`` attribute) or a text file (one per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CdSfmError(f"{path}: file not found")
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        with h5py.File(path, "r") as f:
+            if "val_images" not in f.attrs:
+                raise CdSfmError(f"{path}: no val_images attribute (not a file of 'cd-sfm train mine')")
+            return list(json.loads(f.attrs["val_images"]))
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def cli_mine_sfm_pairs(args) -> dict:
+    if not isinstance(args, argparse.Namespace):
+        args = build_sfm_parser().parse_args(args)
+    require_h5_path(args.output)
+    conf = SfmPairConf(max_keypoints=args.max_keypoints, min_common=args.min_common,
+                       pairs_per_scene=args.pairs_per_scene, val_pairs_per_scene=args.val_pairs_per_scene,
+                       seed=args.seed)
+    res = mine_sfm_pairs(sfm_work_dirs(args.work_dirs), args.output, args.local, held_out_names(args.val_from), conf)
+    print(f"{res['pairs']} SfM pairs ({res['val_pairs']} validation, {res['matches']} correspondences) -> "
+          f"{args.output}")
+    return res
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return cli_mine_pairs(build_parser().parse_args(argv))

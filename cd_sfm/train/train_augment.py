@@ -38,7 +38,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,9 @@ CORRECT_PX = 3.0
 @dataclass
 class AugTrainConf:
     data: str = ""
+    # more pair files whose training pairs are mixed in (e.g. homographic warps beside SfM pairs); validation (and the
+    # best step) uses the main file's held-out pairs only
+    data_extra: list = field(default_factory=list)
     run_dir: str = ""
     mode: str = "augment"  # augment | e2e
     steps: int = 1500
@@ -416,6 +419,10 @@ def train_augment(conf: AugTrainConf) -> dict:
     attrs = data["attrs"]
     train = [p for p in data["pairs"] if not p["is_val"] and len(p["matches"])]
     val = [p for p in data["pairs"] if p["is_val"]]
+    for extra in conf.data_extra:
+        more = [p for p in read_pairs(extra, "train", patches=e2e)["pairs"] if len(p["matches"])]
+        logger.info("extra data %s: %d training pairs", extra, len(more))
+        train += more
     if conf.val_pairs and len(val) > conf.val_pairs:
         val = [val[i] for i in np.unique(np.linspace(0, len(val) - 1, conf.val_pairs).round().astype(int))]
     if not train:
@@ -507,11 +514,25 @@ def _save_weights(trainer: AugTrainer, run_dir: Path, which: str, meta: dict):
         save_weights_npz(trainer.local, run_dir / f"{which}_local.npz", meta=meta)
 
 
+_SFM_TEXT = ("image pairs of SfM reconstructions of the TRAIN scenes of configs/split.yaml (whole SIFT keypoint sets, "
+             "correspondences from the tracks, poses for validation)")
+_WARP_TEXT = ("image + random homographic warp of the TRAIN scenes of configs/split.yaml, SIFT keypoints detected "
+              "independently in both, correspondences by the known homography")
+
+
+def _trained_on(sfm_main: bool, extra: bool) -> str:
+    if not sfm_main:
+        return _WARP_TEXT
+    return _SFM_TEXT + (", with " + _WARP_TEXT if extra else "")
+
+
 def _meta(conf: AugTrainConf, step: int, attrs: dict, val: dict | None, source: str, local_path: Path) -> dict:
     pconf = json.loads(attrs.get("conf", "{}")) if isinstance(attrs.get("conf", "{}"), str) else {}
     names = json.loads(attrs.get("image_names", "[]"))
     e2e = conf.mode == "e2e"
     recipe = (f"cd-sfm train {conf.mode} {conf.data} {conf.run_dir} --steps {conf.steps} --loss {conf.loss} "
+              + "".join(f"--data-extra {x} " for x in conf.data_extra)
+              + 
               f"--pairs-per-step {conf.pairs_per_step} --matches-per-pair {conf.matches_per_pair} --lr {conf.lr:g}"
               + (f" --local-lr {conf.local_lr:g}" if e2e else "")
               + (f" --init-augment {conf.init_augment}" if conf.init_augment else "")
@@ -522,11 +543,11 @@ def _meta(conf: AugTrainConf, step: int, attrs: dict, val: dict | None, source: 
         "model": "contextdesc_augment_geometric" + ("_e2e" if e2e else ""),
         "visual": False,
         "mode": conf.mode,
-        "trained_on": "image + random homographic warp of the TRAIN scenes of configs/split.yaml, SIFT keypoints "
-                      "detected independently in both, correspondences by the known homography",
+        "trained_on": _trained_on(attrs.get("source") == "sfm_pairs", bool(conf.data_extra)),
         "train_images": len(names),
         "val_images": json.loads(attrs.get("val_images", "[]")),
-        "pair_data": {"path": conf.data, "warps_per_image": pconf.get("warps_per_image"),
+        "pair_data": {"path": conf.data, "extra": list(conf.data_extra), "source": str(attrs.get("source", "")),
+                      "warps_per_image": pconf.get("warps_per_image"),
                       "val_warps_per_image": pconf.get("val_warps_per_image"),
                       "homography": pconf.get("homography"), "match": pconf.get("match")},
         "local_model_used": {"source": str(attrs.get("local_model", "")), "path": str(local_path),
@@ -624,7 +645,10 @@ def export_run(run_dir, name: str, which: str = "final", export_dir=None) -> Pat
 
 def build_parser(parser: argparse.ArgumentParser | None = None, mode: str = "augment") -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog=f"cd-sfm train {mode}", description=__doc__.split("\n")[0])
-    p.add_argument("data", help="pair data (.h5 from 'cd-sfm train mine-pairs')")
+    p.add_argument("data", help="pair data (.h5 from 'cd-sfm train mine-pairs' or 'mine-sfm-pairs'); its held-out "
+                                "pairs validate and choose the best step")
+    p.add_argument("--data-extra", action="append", default=[],
+                   help="more pair data whose training pairs are mixed in (repeatable)")
     p.add_argument("run_dir", help="run directory (checkpoints, log, curves); an existing run is resumed")
     d = AugTrainConf()
     e2e = mode == "e2e"
@@ -655,7 +679,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None, mode: str = "aug
 
 def conf_from_args(args) -> AugTrainConf:
     return AugTrainConf(
-        data=args.data, run_dir=args.run_dir, mode=args.mode, steps=args.steps, pairs_per_step=args.pairs_per_step,
+        data=args.data, data_extra=list(args.data_extra), run_dir=args.run_dir, mode=args.mode, steps=args.steps, pairs_per_step=args.pairs_per_step,
         matches_per_pair=args.matches_per_pair, loss=args.loss, lr=args.lr, warmup=args.warmup, seed=args.seed,
         time_budget_min=args.time_budget, val_every=args.val_every, val_pairs=args.val_pairs,
         ckpt_every=args.ckpt_every,
