@@ -83,3 +83,22 @@ def test_compact_student_distils_exports_and_runs(mined, tmp_path):
     x = rng.uniform(0, 255, (8, 32, 32)).astype(np.float32)
     meta = quantize_folder(out / "student", np.concatenate([x] * 8), source="test")
     assert (out / "student" / "local_int8.tflite").is_file() and meta["agreement_on_held_out"]["cosine_mean"] > 0.9
+
+
+def test_fine_tune_starts_from_given_weights(mined, tmp_path):
+    """--init: a new run starts from the given weights (step 0 = them), and a resumed run keeps its own."""
+    from cd_sfm.models import registry
+
+    shipped = registry.resolve(registry.DEFAULT_MODEL).path("local")
+    run = tmp_path / "ft"
+    tl.train_local(_conf(mined, run, 1, init=str(shipped), lr=1e-9, export="ft", export_dir=str(tmp_path / "w")))
+    x = np.random.default_rng(2).uniform(0, 255, (8, 32, 32, 1)).astype(np.float32)
+    ref, tuned = build_local_model(), build_local_model()
+    load_weights_npz(ref, shipped)
+    load_weights_npz(tuned, run / "final.npz")
+    a, b = tuned(x, training=False)["conv6_feat"].numpy(), ref(x, training=False)["conv6_feat"].numpy()
+    assert np.allclose(a, b, atol=2e-2 * np.abs(b).max())  # lr ~0: still the shipped weights (to fp16)
+    info = json.loads((tmp_path / "w" / "ft" / "info.json").read_text())
+    assert info["initial_weights"] == str(shipped) and "fine-tuned" in info["description"]
+    with pytest.raises(tl.CdSfmError, match="initial weights not found"):
+        tl.train_local(_conf(mined, tmp_path / "bad", 1, init=str(tmp_path / "nope.npz")))

@@ -76,6 +76,7 @@ class TrainConf:
     arch: str = "official"  # local layout: official (the authors', for imported weights too) or compact (a student)
     teacher: str = ""  # local weights (.npz, model name or folder) to distil from: its descriptors and matchability
     distill_weight: float = 1.0  # weight of the distillation terms next to the descriptor / matchability losses
+    init: str = ""  # start from these local weights (.npz, model name or folder; same arch) instead of random ones
     export: str = ""  # model name: export to cd_sfm/weights/<name>/ at the end
     export_dir: str = ""  # default: cd_sfm/weights
 
@@ -244,6 +245,12 @@ class LocalTrainer:
                            if self.conf.loss == "npair" else self.trunk_vars + self.head_vars)
             self.ckpt.restore(self.manager.latest_checkpoint).expect_partial()
             logger.info("resumed %s at step %d", self.manager.latest_checkpoint, int(self.step.numpy()))
+        elif self.conf.init:  # a new run fine-tuned from given weights
+            from ..models.weights import load_weights_npz
+
+            path = _local_npz(self.conf.init, "initial")
+            load_weights_npz(self.model, path)
+            logger.info("initial weights: %s", path)
         return int(self.step.numpy())
 
     def save(self):
@@ -368,12 +375,14 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
         "model": "contextdesc_local",
         "name": conf.export or Path(conf.run_dir).name,
         "source": "shipped",
-        "description": "our own ContextDesc local model (descriptor + matchability), trained on CPU from scratch; "
-                       "no augmentation/regional weights",
+        "description": "our own ContextDesc local model (descriptor + matchability), trained on CPU "
+                       + (f"(fine-tuned from {conf.init})" if conf.init else "from scratch")
+                       + "; no augmentation/regional weights",
         "upright": conf.upright,
         "local_arch": arch_name(arch_widths(conf.arch)),
         "multiply_adds_per_patch": multiply_adds(conf.arch),
         **({"teacher": conf.teacher, "distill_weight": conf.distill_weight} if conf.teacher else {}),
+        **({"initial_weights": conf.init} if conf.init else {}),
         "trained_on": " + ".join(_describe_data(p, a, sh) for (p, a), sh in zip(files, shares))
                       + " of the TRAIN scenes of cd_sfm/split.yaml",
         "train_scenes": scenes,
@@ -392,23 +401,29 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
                   + "".join(f" --extra-ratio {r:g}" for r in extra_ratios(conf) if any(extra_ratios(conf)))
                   + (f" --arch {conf.arch}" if conf.arch != "official" else "")
                   + (f" --teacher {conf.teacher} --distill-weight {conf.distill_weight:g}" if conf.teacher else "")
+                  + (f" --init {conf.init} --lr {conf.lr:g} --warmup {conf.warmup}" if conf.init else "")
                   + (f" --export {conf.export}" if conf.export else ""),
         "train_conf": asdict(conf),
     }
 
 
-def _load_teacher(spec: str):
-    """The teacher's fp32 local model: a ``.npz``, or a model name / folder of the registry."""
-    from ..models.local import load_local_model
-
+def _local_npz(spec: str, what: str) -> Path:
+    """The ``local.npz`` of a ``.npz`` path, a model name or a folder of the registry."""
     p = Path(spec)
     if p.suffix != ".npz":
         from ..models import registry
 
         p = registry.resolve(spec).path("local")
     if p is None or not Path(p).is_file():
-        raise CdSfmError(f"{spec}: teacher weights not found")
-    model = load_local_model(p)
+        raise CdSfmError(f"{spec}: {what} weights not found")
+    return Path(p)
+
+
+def _load_teacher(spec: str):
+    """The teacher's fp32 local model: a ``.npz``, or a model name / folder of the registry."""
+    from ..models.local import load_local_model
+
+    model = load_local_model(_local_npz(spec, "teacher"))
     model.trainable = False
     return model
 
@@ -603,6 +618,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="local layout: official (the authors') or compact (a student, about 4x fewer multiply-adds)")
     p.add_argument("--teacher", default="", help="distil from these local weights (.npz, model name or folder)")
     p.add_argument("--distill-weight", type=float, default=d.distill_weight)
+    p.add_argument("--init", default="", help="fine-tune: start a new run from these local weights (.npz, model name "
+                                              "or folder; same --arch) instead of random ones")
     p.add_argument("--export", default="", help="model name: write cd_sfm/weights/<name>/ when the run completes")
     p.add_argument("--export-dir", default="")
     return p
@@ -615,7 +632,7 @@ def conf_from_args(args) -> TrainConf:
         val_every=args.val_every, val_pairs=args.val_pairs, ckpt_every=args.ckpt_every, threads=args.threads,
         jit=args.jit, max_train_pairs=args.max_train_pairs, upright=args.upright, export=args.export,
         export_dir=args.export_dir, data_extra=args.data_extra, extra_ratio=args.extra_ratio, arch=args.arch,
-        teacher=args.teacher, distill_weight=args.distill_weight,
+        teacher=args.teacher, distill_weight=args.distill_weight, init=args.init,
     )
 
 
