@@ -43,15 +43,22 @@ def default_data_root(split: dict | None = None, split_file: str | Path = SPLIT_
     return REPO_ROOT.parent / "shared" / "data"
 
 
-def train_dirs(split_file: str | Path = SPLIT_FILE, data_root: str | Path | None = None) -> list[Path]:
-    """The TRAIN scene folders; a missing one is a one-line error."""
+def train_dirs(split_file: str | Path = SPLIT_FILE, data_root: str | Path | None = None,
+               section: str = "train") -> list[Path]:
+    """The TRAIN scene folders (``section="singles"``: the folders of single photos, warps only); a missing one is a
+    one-line error."""
     split = load_split(split_file)
     root = Path(data_root) if data_root else default_data_root(split, split_file)
-    dirs = [root / d for d in split["train"].values()]
+    dirs = [root / d for d in (split.get(section) or {}).values()]
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise CdSfmError(f"{missing[0]}: training scene folder not found (data root {root}; set {ENV_DATA})")
     return dirs
+
+
+def singles_dirs(split_file: str | Path = SPLIT_FILE, data_root: str | Path | None = None) -> list[Path]:
+    """The TRAIN folders of single photos (no multi-view scene: homographic warps only)."""
+    return train_dirs(split_file, data_root, section="singles")
 
 
 def eval_dirs(split_file: str | Path = SPLIT_FILE, data_root: str | Path | None = None) -> list[Path]:
