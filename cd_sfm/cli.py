@@ -34,8 +34,8 @@ from pathlib import Path
 
 from . import __version__
 from . import config as config_mod
+from .config import PRECISIONS
 from .io import CdSfmError, output_lock
-from .models.runner import PRECISIONS
 
 logger = logging.getLogger("cd_sfm")
 
@@ -170,19 +170,21 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _check_flags(args: argparse.Namespace, conf: dict) -> None:
-    """Flags that only mean something for ContextDesc features must not be silently ignored."""
+    """Flags that only mean something for ContextDesc features must not be silently ignored (checked on the merged
+    flat settings, before the whole configuration is)."""
     given = [f for f, v in (("--model", getattr(args, "model", None)), ("--no-augment", getattr(args, "augment", None)),
                             ("--precision", getattr(args, "precision", None))) if v is not None]
     if given:
-        from .pipeline import uses_contextdesc
+        from .features.extract import confs
 
-        if not uses_contextdesc(conf):
+        preset = confs.get(conf.get("features"))
+        if preset is not None and preset["backend"] != "contextdesc":
             raise CdSfmError(f"{' and '.join(given)}: only for ContextDesc features, but features are "
                              f"{conf['features']!r}; add --features contextdesc")
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
+def _merge(base, over: dict) -> dict:
+    out = {**dict(base), "_preset": base.get("_preset")}
     for k, v in over.items():
         if k in ("features_options", "matching_options", "ray_options") and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
@@ -198,13 +200,13 @@ def build_config(args: argparse.Namespace, out_dir: Path | None = None, from_sav
         saved = config_mod.read_saved(out_dir / "config.yaml")
         if saved:
             config_mod.check_keys(saved, str(out_dir / "config.yaml"))
-            base = config_mod.resolve(saved)
-            base["_preset"] = str(out_dir / "config.yaml")
+            base = config_mod.resolve({**saved, "_preset": str(out_dir / "config.yaml")},
+                                      source=str(out_dir / "config.yaml"))
     if base is None:
         base = config_mod.load_config(args.config or "default")
-    conf = config_mod.resolve(_merge(base, _overrides(args)))
-    _check_flags(args, conf)
-    return conf
+    merged = _merge(base, _overrides(args))
+    _check_flags(args, merged)
+    return config_mod.resolve(merged)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,8 +300,9 @@ def cmd_demo(args) -> int:
     scene = render_scene(out_dir / "scene", num_images=args.num_images, seed=args.scene_seed)
     over = _overrides(args)
     over.setdefault("camera_mode", "single")  # one camera rendered every image
-    conf = config_mod.resolve(_merge(config_mod.load_config(args.config or "default"), over))
-    _check_flags(args, conf)
+    merged = _merge(config_mod.load_config(args.config or "default"), over)
+    _check_flags(args, merged)
+    conf = config_mod.resolve(merged)
     summary = reconstruct(scene.image_dir, out_dir, conf, overwrite=args.overwrite, progress=args.quiet == 0,
                           report=False)  # written below, with the ground truth
     cmp = {"aligned": False}

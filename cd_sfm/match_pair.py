@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models.runner import PRECISIONS
+from .config import PRECISIONS
 
 logger = logging.getLogger(__name__)
 

@@ -506,6 +506,51 @@ def _stale_pairs(matches_path: Path, done: set[str], versions: dict[str, str]) -
     return stale
 
 
+class PairMatcher:
+    """Matches batches of pairs: the worker of the match stage, in this process or on a Ray actor
+    (:mod:`cd_sfm.executors`). Reads descriptors from the feature file (opened once, LRU cache), or takes those the
+    driver ships (``read=False``: no shared file system)."""
+
+    def __init__(self, conf: dict, features_path: str, read: bool = True):
+        self.conf = resolve_conf(conf)
+        self.opts = match_options(self.conf)
+        self.features_path = str(features_path)
+        self.hfile = h5py.File(self.features_path, "r", libver="latest") if read else None
+        self.cache = DescriptorCache(self.hfile, self.conf["cache_mb"]) if read else None
+        workers = max(1, int(self.conf["num_workers"] or 1))
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.hfile is not None:
+            self.hfile.close()
+
+    def match(self, batch: list[tuple[str, str]], shipped: dict[str, np.ndarray] | None = None) -> list:
+        """[((name0, name1), matches0, scores0 float16)] of the batch. ``shipped``: stored (D, N) descriptors by
+        image name."""
+        screen = bool(self.opts["screen"])
+        if shipped is not None:
+            normed = {n: normalize(d.T) for n, d in shipped.items()}
+            grams = {n: gram(d) for n, d in normed.items()} if screen else {}
+            desc, gram_of = normed.__getitem__, grams.get
+        else:
+            desc, gram_of = self.cache.get, self.cache.gram
+        work = []
+        for a, b in batch:
+            d0, d1 = desc(a), desc(b)
+            if d0.shape[1] != d1.shape[1] and len(d0) and len(d1):
+                raise CdSfmError(f"{self.features_path}: descriptors of {a} and {b} differ in size "
+                                 f"({d0.shape[1]} vs {d1.shape[1]}); mixed feature types?")
+            work.append((d0, d1, (gram_of(a), gram_of(b)) if screen else None))
+
+        def run(w):
+            return match_descriptors(w[0], w[1], grams=w[2], **self.opts)
+
+        results = self.pool.map(run, work) if self.pool else map(run, work)
+        return [(p, m0, s0.astype(np.float16)) for p, (m0, s0) in zip(batch, results)]
+
+
 def main(
     conf: dict | str,
     pairs_path: str | Path | Iterable[tuple[str, str]],
@@ -513,30 +558,27 @@ def main(
     matches_path: str | Path,
     overwrite: bool = False,
     progress: bool = True,
+    executor=None,
 ) -> dict:
     """Match every pair of ``pairs_path`` (a pair file, or a list of name pairs) with the descriptors of
     ``features_path`` into ``matches_path``.
 
     Pairs already in ``matches_path`` (in either order) are reused unless ``overwrite``; self pairs and repeats are
-    dropped; pairs with an image missing from the feature file are skipped and listed.
+    dropped; pairs with an image missing from the feature file are skipped and listed. ``executor``: where the pairs
+    are matched (:mod:`cd_sfm.executors`; default: in this process).
 
     Returns ``{"matched": n, "reused": n, "skipped": {pair_key: reason}, "num_matches_mean": x, "seconds": s,
     "matches_path": str}``.
     """
+    from .executors import InProcess
+    from .pairs import unique_pairs
+
     t0 = time.monotonic()
     conf = resolve_conf(conf)
+    executor = executor or InProcess()
     features_path, matches_path = Path(features_path), Path(matches_path)
-    if isinstance(pairs_path, (str, Path)):
-        pairs = parse_pairs(pairs_path)
-    else:
-        pairs = [tuple(p) for p in pairs_path]
-    seen: set[tuple[str, str]] = set()
-    unique = []
-    for a, b in pairs:
-        k = (a, b) if a < b else (b, a)
-        if a != b and k not in seen:
-            seen.add(k)
-            unique.append((a, b))
+    pairs = parse_pairs(pairs_path) if isinstance(pairs_path, (str, Path)) else [tuple(p) for p in pairs_path]
+    unique = unique_pairs(pairs)
     if not features_path.exists():
         raise CdSfmError(f"{features_path}: feature file not found (run the extraction first)")
     merge_parts(features_path)  # entries a killed extraction left in part files
@@ -575,47 +617,38 @@ def main(
     matched = 0
     total_matches = 0
     if todo:
-        opts = match_options(conf)
+        bs = max(1, int(executor.match_batch or conf["batch_size"]))
         with h5py.File(features_path, "r", libver="latest") as hfile:
-            # size the tiles so that two tiles of images fit in the cache
+            for n in dict.fromkeys(x for p in todo for x in p):  # damaged entries: one line before any work
+                check_feature_entry(hfile[n], n, features_path, need_descriptors=True)
+            # tile order: consecutive pairs share images, so that two tiles of images fit in a worker's cache (or
+            # each shipped batch stays small)
             shape = hfile[todo[0][0]]["descriptors"].shape
             per_image = max(1, shape[0] * max(shape[1], 1) * 4)
             capacity = max(2, int(conf["cache_mb"] * 2**20 // per_image))
-            todo = _tile_order(todo, max(1, capacity // 2))
-            cache = DescriptorCache(hfile, conf["cache_mb"])
+            todo = _tile_order(todo, max(1, bs // 2 if executor.remote else capacity // 2))
+            batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+
+            def tasks():
+                for batch in batches:
+                    if executor.ships_data:
+                        yield batch, {x: hfile[x]["descriptors"][()] for x in dict.fromkeys(n for p in batch for n in p)}
+                    else:
+                        yield (batch,)
+
             logger.info("Matching %d pair(s) into %s", len(todo), matches_path)
-            workers = max(1, int(conf["num_workers"]))
-            pool = ThreadPoolExecutor(workers) if workers > 1 else None
-            try:
-                # a part file every 1024 pairs or two seconds: a killed run loses at most that much work
-                with H5Appender(matches_path, flush_every=1024, flush_seconds=2.0, settings=settings) as out, \
-                        tqdm(total=len(todo), desc="match", unit="pair", disable=not progress) as bar:
-                    bs = max(1, int(conf["batch_size"]))
-                    for i in range(0, len(todo), bs):
-                        batch = todo[i : i + bs]
-                        descs = [(cache.get(a), cache.get(b)) for a, b in batch]
-                        for (a, b), (d0, d1) in zip(batch, descs):
-                            if d0.shape[1] != d1.shape[1] and len(d0) and len(d1):
-                                raise CdSfmError(f"{features_path}: descriptors of {a} and {b} differ in size "
-                                                 f"({d0.shape[1]} vs {d1.shape[1]}); mixed feature types?")
-                        descs = [(d0, d1, (cache.gram(a), cache.gram(b)) if opts["screen"] else None)
-                                 for (a, b), (d0, d1) in zip(batch, descs)]
-
-                        def run(ds):
-                            return match_descriptors(ds[0], ds[1], grams=ds[2], **opts)
-
-                        results = pool.map(run, descs) if pool else map(run, descs)
-                        for (a, b), (m0, s0) in zip(batch, results):
-                            out.add(names_to_pair(a, b), {"matches0": m0, "matching_scores0": s0.astype(np.float16),
-                                                          ATTRS_KEY: {"features": [versions.get(a, ""),
-                                                                                   versions.get(b, "")]}})
-                            total_matches += int((m0 >= 0).sum())
-                            matched += 1
-                        bar.update(len(batch))
-            finally:
-                if pool:
-                    pool.shutdown()
-        logger.debug("Descriptor cache: %d loads for %d pairs", cache.loads, len(todo))
+            # a part file every 1024 pairs or two seconds: a killed run loses at most that much work
+            with H5Appender(matches_path, flush_every=1024, flush_seconds=2.0, settings=settings) as out, \
+                    tqdm(total=len(todo), desc="match", unit="pair", disable=not progress) as bar:
+                for results in executor.run(PairMatcher, (conf, str(features_path.resolve()),
+                                                          not executor.ships_data), "match", tasks(), len(batches)):
+                    for (a, b), m0, s0 in results:
+                        out.add(names_to_pair(a, b), {"matches0": m0, "matching_scores0": s0,
+                                                      ATTRS_KEY: {"features": [versions.get(a, ""),
+                                                                               versions.get(b, "")]}})
+                        total_matches += int((m0 >= 0).sum())
+                        matched += 1
+                    bar.update(len(results))
     else:
         merge_parts(matches_path)
     stats = {

@@ -22,7 +22,6 @@ Options wired here: the ContextDesc ``model`` / ``augment`` (into the feature co
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import json
@@ -34,14 +33,14 @@ import time
 from pathlib import Path
 
 from . import config as config_mod
-from .io import CdSfmError, atomic_write_text, check_feature_entry, check_pair_names, list_h5_names, output_lock
+from .config import PAIR_METHODS, Config
+from .io import CdSfmError, atomic_write_text, check_feature_entry, check_pair_names, list_h5_names, output_lock, \
+    parse_pairs
 
 logger = logging.getLogger(__name__)
 
 FEATURES, PAIRS, MATCHES, DATABASE = "features.h5", "pairs.txt", "matches.h5", "database.db"
 GLOBAL_FEATURES = "global-feats.h5"
-PAIR_METHODS = ("auto", "exhaustive", "sequential", "retrieval")
-RETRIEVAL_KINDS = ("auto", "regional", "local")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -75,9 +74,9 @@ def check_writable(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def uses_contextdesc(conf: dict) -> bool:
+def uses_contextdesc(conf) -> bool:
     """Whether the config's feature preset runs the ContextDesc backend (where ``model`` / ``augment`` matter)."""
-    return feature_conf_base(conf).get("backend") == "contextdesc"
+    return config_mod.resolve(conf).features.contextdesc
 
 
 def _comparable(conf: dict | None) -> dict | None:
@@ -87,7 +86,9 @@ def _comparable(conf: dict | None) -> dict | None:
         return None
     out = dict(conf)
     try:
-        cd = uses_contextdesc(out)
+        from .features.extract import resolve_conf
+
+        cd = resolve_conf(out.get("features")).get("backend") == "contextdesc"
     except CdSfmError:  # an old config naming a preset that is gone: compare as written
         cd = True
     if not cd:
@@ -118,34 +119,28 @@ def check_not_stale(out_dir: Path, conf: dict, overwrite: bool) -> None:
 
 
 def pair_sources(spec) -> list[str]:
-    """The pair sources of a ``pairs`` setting: a method, a pair file, or several joined by ``+``
-    (``retrieval+sequential``, ``sequential+my_pairs.txt``). A path of an existing file is one source even when its
-    name holds a ``+``."""
-    spec = str(spec).strip()
-    if spec in PAIR_METHODS or Path(spec).is_file():
-        return [spec]
-    parts = [p.strip() for p in spec.split("+")]
-    return parts if len(parts) > 1 and all(parts) else [spec]
+    """The pair sources of a ``pairs`` setting (:attr:`cd_sfm.config.PairSettings.sources`)."""
+    from .config import PairSettings
+
+    return PairSettings(pairs=str(spec)).sources
 
 
-def regional_model_name(conf: dict) -> str | None:
+def regional_model_name(conf: Config) -> str | None:
     """The registry model whose regional ResNet50 weights retrieval would use (the ContextDesc ``model``, the default
     model, the official ``retrieval`` download), or None when no model has them. Reads folders only (no TensorFlow)."""
     from .models import registry
 
-    entry, _ = registry.find_component("regional", [conf.get("model"), registry.DEFAULT_MODEL, "retrieval"])
+    entry, _ = registry.find_component("regional", [conf.features.model, registry.DEFAULT_MODEL, "retrieval"])
     return None if entry is None else entry.name
 
 
-def retrieval_conf(conf: dict) -> dict:
+def retrieval_conf(conf: Config) -> dict:
     """The global-descriptor conf of ``--retrieval``: ``regional`` -> GeM of the regional ResNet50 map (its weights
     from :func:`regional_model_name`), ``local`` -> VLAD of the images' own local descriptors, ``auto`` -> regional
     when weights are available, else local."""
     from . import globaldesc
 
-    kind = str(conf.get("retrieval") or "auto")
-    if kind not in RETRIEVAL_KINDS:
-        raise CdSfmError(f"retrieval {kind!r}: expected one of {', '.join(RETRIEVAL_KINDS)}")
+    kind = conf.pairs.retrieval
     regional = regional_model_name(conf) if kind in ("auto", "regional") else None
     if kind == "regional" and regional is None:
         raise CdSfmError("--retrieval regional: no regional ResNet50 weights (get them with `cd-sfm models download "
@@ -157,37 +152,30 @@ def retrieval_conf(conf: dict) -> dict:
     return dict(globaldesc.confs[globaldesc.RETRIEVAL_PRESETS["local"]])
 
 
-def prepare_conf(conf: dict | str | None, check_pairs: bool = True) -> dict:
-    """A complete config, checked before any work: the ContextDesc model exists (an unset one becomes the shipped
-    default's name, a folder an absolute path, so that ``config.yaml`` records what was used), pair sources (unless
-    ``check_pairs`` is False: stages that do not make pairs), retrieval kind, mapper and Ray address are valid.
-    Raises ``CdSfmError`` with one line."""
-    from .colmap.mapping import MAPPERS
-
+def prepare_conf(conf: Config | dict | str | None, check_pairs: bool = True) -> Config:
+    """The run's :class:`~cd_sfm.config.Config`, checked before any work (every value: one line per problem, see
+    :func:`cd_sfm.config.resolve`), with the ContextDesc model resolved once: an unset one becomes the shipped
+    default's name, a folder an absolute path, so that ``config.yaml`` records what was used, and the digest of its
+    weights is taken. Pair sources are checked too (unless ``check_pairs`` is False: stages that make no pairs), and
+    regional retrieval without weights. Raises ``CdSfmError``."""
     conf = config_mod.resolve(conf)
-    if uses_contextdesc(conf):
+    if conf.features.contextdesc:
         from .models import registry
 
-        # ``model`` wins over a ``features_options: {model: ...}`` (the older spelling, still honoured)
-        name = conf.get("model") or (conf.get("features_options") or {}).get("model")
-        entry = registry.resolve(name)  # unknown name: one line listing the available models
+        entry = registry.resolve(conf.features.model_name())  # unknown name: one line listing the available models
         by_name = {(d / entry.name).resolve() for d in (registry.models_dir(), registry.PACKAGE_WEIGHTS)}
-        conf["model"] = entry.name if entry.folder.resolve() in by_name else str(entry.folder.resolve())
-        used = ("local", "augment", "regional") if conf.get("augment", True) else ("local",)
-        conf["model_digest"] = entry.digest(used)
-    sources = pair_sources(conf["pairs"]) if check_pairs else []
+        used = ("local", "augment", "regional") if conf.features.augment else ("local",)
+        conf = conf.replace(model=entry.name if entry.folder.resolve() in by_name else str(entry.folder.resolve()),
+                            model_digest=entry.digest(used))
+    sources = conf.pairs.sources if check_pairs else []
     for src in sources:
         if src not in PAIR_METHODS and not Path(src).is_file():
             raise CdSfmError(f"{src}: pair file not found (--pairs takes {', '.join(PAIR_METHODS)}, a file, or a "
                              f"union such as retrieval+sequential)")
-    if str(conf.get("retrieval") or "auto") not in RETRIEVAL_KINDS:
-        raise CdSfmError(f"retrieval {conf['retrieval']!r}: expected one of {', '.join(RETRIEVAL_KINDS)}")
-    if {"retrieval", "auto"} & set(sources) and conf.get("retrieval") == "regional":
+        if src not in PAIR_METHODS:
+            parse_pairs(src)  # a malformed line: one line now, not after extraction
+    if {"retrieval", "auto"} & set(sources) and conf.pairs.retrieval == "regional":
         retrieval_conf(conf)  # no weights: say so now, not after extraction
-    if conf["mapper"] not in MAPPERS:
-        raise CdSfmError(f"mapper {conf['mapper']!r}: expected one of {', '.join(MAPPERS)}")
-    if conf.get("ray") is not None and not str(conf["ray"]).strip():
-        raise CdSfmError("--ray: give auto, local or a cluster address")
     return conf
 
 
@@ -198,23 +186,24 @@ _RAY_DEPTH = 0
 
 
 @contextlib.contextmanager
-def ray_session(conf: dict):
-    """Yields the :class:`cd_sfm.distributed.RayConf` of ``conf["ray"]`` (None without it: nothing imports Ray).
+def ray_session(conf: Config):
+    """Yields the executor of the stages: :class:`cd_sfm.distributed.RayExecutor` for ``conf.ray``, else None (in
+    process: nothing imports Ray).
     Ray itself starts lazily, at the first stage with work to do; a cluster started inside the outermost session is
     shut down when it ends (one started by the caller is left alone)."""
     global _RAY_DEPTH
-    address = conf.get("ray")
-    if address is None or address is False:
+    conf = config_mod.resolve(conf)
+    if not conf.ray.enabled:
         yield None
         return
     from . import distributed
 
-    rconf = distributed.RayConf.from_any({**(conf.get("ray_options") or {}), "address": str(address)})
+    rconf = distributed.RayConf.from_any({**conf.ray.options, "address": str(conf.ray.address)})
     ray = sys.modules.get("ray")
     owner = _RAY_DEPTH == 0 and not (ray is not None and ray.is_initialized())
     _RAY_DEPTH += 1
     try:
-        yield rconf
+        yield distributed.RayExecutor(rconf)
     finally:
         _RAY_DEPTH -= 1
         if owner:
@@ -236,39 +225,6 @@ def locked(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def feature_conf_base(conf: dict) -> dict:
-    from .features import extract
-
-    return extract.resolve_conf(conf["features"])
-
-
-def feature_conf(conf: dict) -> dict:
-    """The extraction conf (a preset of ``features.extract.confs`` with our overrides; for ContextDesc also the
-    ``model`` and ``augment`` keys)."""
-    fconf = feature_conf_base(conf)
-    if conf.get("max_image_size") is not None:
-        fconf["max_image_size"] = int(conf["max_image_size"]) or None
-    if conf.get("features_options"):
-        fconf["options"] = {**(fconf.get("options") or {}), **conf["features_options"]}
-    if fconf.get("backend") == "contextdesc":
-        options = dict(fconf.get("options") or {})
-        if conf.get("model") is not None:
-            options["model"] = str(conf["model"])
-        if conf.get("augment") is not None and not conf["augment"]:
-            options["augment"] = False
-        fconf["options"] = options
-        fconf["model_digest"] = conf.get("model_digest")  # stamped in features.h5 with the other settings
-    return fconf
-
-
-def matching_conf(conf: dict) -> dict:
-    from . import matching
-
-    mconf = matching.resolve_conf(conf["matching"])
-    mconf.update(conf.get("matching_options") or {})
-    return mconf
 
 
 def keypoint_counts(features_path: Path, names: list[str] | None = None) -> dict[str, int]:
@@ -293,19 +249,14 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
     from .features import extract
     from .images import list_images
 
+    conf = config_mod.resolve(conf)
     image_dir, out_dir = check_image_dir(image_dir), Path(out_dir)
     skipped: dict[str, str] = {}
     found = list_images(image_dir, skipped=skipped)
     check_pair_names(found, image_dir)
-    with ray_session(conf) as rconf:
-        if rconf is None:
-            stats = extract.main(feature_conf(conf), image_dir, out_dir / FEATURES, image_list=found,
-                                 overwrite=overwrite, progress=progress)
-        else:
-            from . import distributed
-
-            stats = distributed.extract(feature_conf(conf), image_dir, out_dir / FEATURES, image_list=found,
-                                        overwrite=overwrite, ray_conf=rconf, progress=progress)
+    with ray_session(conf) as executor:
+        stats = extract.main(conf.features.extraction_conf(), image_dir, out_dir / FEATURES, image_list=found,
+                             overwrite=overwrite, progress=progress, executor=executor)
     skipped.update(stats.get("skipped") or {})
     counts = keypoint_counts(out_dir / FEATURES, [n for n in found if n not in skipped])
     for n in found:
@@ -324,9 +275,10 @@ def run_pairs(names: list[str], out_dir: str | Path, conf: dict,
     the images) and by ``auto`` (EXIF capture times). ``chosen`` (a dict) receives the sources used and why."""
     from .pairs import save, unique_pairs
 
+    conf = config_mod.resolve(conf)
     out_dir = Path(out_dir)
     output = out_dir / PAIRS
-    sources = pair_sources(conf["pairs"])
+    sources = conf.pairs.sources
     why = "+".join(sources)
     if "auto" in sources:
         from .pairs import auto
@@ -348,7 +300,7 @@ def run_pairs(names: list[str], out_dir: str | Path, conf: dict,
     return save(pairs, output)
 
 
-def _pairs_of(src: str, names: list[str], out_dir: Path, conf: dict, image_dir) -> list[tuple[str, str]]:
+def _pairs_of(src: str, names: list[str], out_dir: Path, conf: Config, image_dir) -> list[tuple[str, str]]:
     """The pairs of one source (not written)."""
     if src == "exhaustive":
         from .pairs import exhaustive
@@ -357,16 +309,16 @@ def _pairs_of(src: str, names: list[str], out_dir: Path, conf: dict, image_dir) 
     if src == "sequential":
         from .pairs import sequential
 
-        return sequential.main(names, overlap=int(conf["overlap"]))
+        return sequential.main(names, overlap=conf.pairs.overlap)
     if src == "retrieval":
         from . import globaldesc
         from .pairs import retrieval
 
         gconf = retrieval_conf(conf)
-        logger.info("Retrieval pairs: %s global descriptors, %d neighbours", gconf["method"], int(conf["num_neighbors"]))
+        logger.info("Retrieval pairs: %s global descriptors, %d neighbours", gconf["method"], conf.pairs.num_neighbors)
         global_path = globaldesc.main(gconf, out_dir / GLOBAL_FEATURES, features_path=out_dir / FEATURES,
                                       image_dir=image_dir, names=names)
-        return retrieval.retrieval_pairs({"num_neighbors": int(conf["num_neighbors"])}, names, global_path)
+        return retrieval.retrieval_pairs({"num_neighbors": conf.pairs.num_neighbors}, names, global_path)
     # hook: further pair methods (e.g. spatial from GPS) go here
     from .pairs import from_file
 
@@ -384,17 +336,13 @@ def _pairs_of(src: str, names: list[str], out_dir: Path, conf: dict, image_dir) 
 def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress: bool = True) -> dict:
     from . import matching
 
+    conf = config_mod.resolve(conf)
     out_dir = Path(out_dir)
     if not (out_dir / PAIRS).exists():
         raise CdSfmError(f"{out_dir / PAIRS}: pair file not found (run the pairs stage first)")
-    with ray_session(conf) as rconf:
-        if rconf is None:
-            return matching.main(matching_conf(conf), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
-                                 overwrite=overwrite, progress=progress)
-        from . import distributed
-
-        return distributed.match(matching_conf(conf), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
-                                 overwrite=overwrite, ray_conf=rconf, progress=progress)
+    with ray_session(conf) as executor:
+        return matching.main(conf.matching.matcher_conf(), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
+                             overwrite=overwrite, progress=progress, executor=executor)
 
 
 @locked
@@ -405,28 +353,20 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
     from .colmap import database, mapping, quiet_colmap
 
     quiet_colmap()
+    conf = config_mod.resolve(conf)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     for f in (FEATURES, PAIRS, MATCHES):
         if not (out_dir / f).exists():
             raise CdSfmError(f"{out_dir / f}: not found (run the earlier stages first)")
     seconds = {}
     t = time.perf_counter()
-    db_conf = {k: conf[k] for k in ("camera_mode", "camera_model", "prior_focal_length", "default_focal_factor",
-                                    "descriptor_uint8")}
-    verification = copy.deepcopy(conf.get("verification") or {})
-    seed = conf.get("seed")
-    if seed is not None and int(seed) >= 0:  # reproducible RANSAC unless the config sets its own seed
-        verification.setdefault("ransac", {}).setdefault("random_seed", int(seed))
-    db_stats = database.main(db_conf, out_dir / DATABASE, out_dir / FEATURES, image_dir, out_dir / PAIRS,
-                             out_dir / MATCHES, image_names=names, verification=verification)
+    db_stats = database.main(conf.database.as_dict(), out_dir / DATABASE, out_dir / FEATURES, image_dir,
+                             out_dir / PAIRS, out_dir / MATCHES, image_names=names,
+                             verification=conf.verification.verify_conf())
     seconds["database"] = time.perf_counter() - t
     t = time.perf_counter()
-    other = mapping.OTHER_MAPPER.get(conf["mapper"])
-    rec, map_stats = mapping.main({"mapper": conf["mapper"], "options": conf.get(f"{conf['mapper']}_options") or {},
-                                   "seed": conf.get("seed"), "retries": conf.get("mapping_retries", 1),
-                                   "fallback": conf.get("mapping_fallback", True),
-                                   "fallback_options": conf.get(f"{other}_options") or {} if other else {}},
-                                  out_dir / DATABASE, image_dir, out_dir, progress=progress)
+    rec, map_stats = mapping.main(conf.mapping.mapping_conf(), out_dir / DATABASE, image_dir, out_dir,
+                                  progress=progress)
     seconds["mapping"] = time.perf_counter() - t
     return {"database": db_stats, "mapping": map_stats, "seconds": seconds, "reconstruction": rec}
 
@@ -494,7 +434,7 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
     return summary
 
 
-def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], used: list[str],
+def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str], used: list[str],
                  skipped: dict[str, str], sfm: dict, seconds: dict[str, float], num_pairs: int | None = None) -> dict:
     """The run's summary (see ``summary.json`` in the README)."""
     ms = sfm["mapping"]
@@ -502,11 +442,11 @@ def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], u
     return {
         "image_dir": str(image_dir),
         "output_dir": str(out_dir),
-        "config": conf.get("_preset"),
-        "features": conf["features"],
-        "model": conf.get("model") if uses_contextdesc(conf) else None,
-        "pairs": str(conf["pairs"]),
-        "mapper": conf["mapper"],
+        "config": conf.preset,
+        "features": conf.features.features,
+        "model": conf.features.model if conf.features.contextdesc else None,
+        "pairs": str(conf.pairs.pairs),
+        "mapper": conf.mapping.mapper,
         "num_images_found": len(found),
         "num_images_used": len(used),
         "num_images_registered": len(registered),
@@ -519,25 +459,18 @@ def make_summary(image_dir: Path, out_dir: Path, conf: dict, found: list[str], u
         "num_pairs": num_pairs if num_pairs is not None else sfm["database"]["num_pairs"],
         "num_verified_pairs": (sfm["database"].get("verification") or {}).get("num_verified_pairs", 0),
         "mapping_attempts": ms.get("attempts", 1),
-        "mapper_used": ms.get("mapper", conf["mapper"]),
+        "mapper_used": ms.get("mapper", conf.mapping.mapper),
         "mapping_agreement": ms.get("agreement"),
         "mapping_tried": ms.get("tried", []),
-        "ray": ray_setting(conf),
+        "ray": conf.ray.summary(),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
 
 
-def ray_setting(conf: dict) -> dict | None:
-    """The Ray setting of a run for its summary: None (in process) or the address and the options given."""
-    if conf.get("ray") is None or conf.get("ray") is False:
-        return None
-    return {"address": str(conf["ray"]), **(conf.get("ray_options") or {})}
-
-
-def _saved_precision(out_dir: Path, conf: dict) -> dict | None:
+def _saved_precision(out_dir: Path, conf: Config) -> dict | None:
     """The ContextDesc precision recorded by the run that extracted the features (a resumed run extracts nothing,
     and the features of the folder were made with the same settings: :func:`check_not_stale`)."""
-    if not uses_contextdesc(conf):
+    if not conf.features.contextdesc:
         return None
     try:
         return json.loads((Path(out_dir) / "summary.json").read_text()).get("precision")
@@ -567,6 +500,7 @@ def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict, progress: 
     from .images import list_images
 
     t_start = time.perf_counter()
+    conf = config_mod.resolve(conf)
     image_dir, out_dir = check_image_dir(image_dir), Path(out_dir)
     if not (out_dir / FEATURES).exists():
         raise CdSfmError(f"{out_dir / FEATURES}: not found (run the extract stage first)")

@@ -189,6 +189,82 @@ def test_names_whose_pair_keys_collide_are_refused_up_front(scene, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the configuration: every value checked once, before any work
+
+BAD_FLAGS = [
+    (["--overlap", "-1"], "overlap -1: expected an integer >= 1"),
+    (["--camera-model", "FOO"], "camera_model 'FOO': unknown COLMAP camera model"),
+    (["--num-neighbors", "0"], "num_neighbors 0: expected an integer >= 1"),
+    (["--ratio", "-1"], "matching_options.ratio -1.0: expected a number > 0 and <= 1"),
+    (["--max-image-size", "-5"], "max_image_size -5: expected an integer >= 0"),
+    (["--max-keypoints", "0"], "features_options.max_keypoints 0: expected an integer >= 1"),
+]
+
+BAD_YAML = [
+    ("features_options: {max_keypoints: many}", "features_options.max_keypoints 'many': expected an integer >= 1"),
+    ("max_image_size: big", "max_image_size 'big': expected an integer >= 0 or null"),
+    ("seed: [1, 2]", "seed [1, 2]: expected an integer >= -1"),
+    ("verification: {ransac: {max_error: x}}", "verification option ransac.max_error 'x': expected a number"),
+    ("incremental_options: {no_such_option: 1}", "mapping option 'no_such_option': not an attribute of "
+                                                  "IncrementalPipelineOptions"),
+    ("incremental_options: {min_num_matches: x}", "mapping option min_num_matches 'x': expected an integer"),
+    ("matching_options: {metrik: l2}", "matching_options.metrik: unknown option"),
+    ("features_options: {precision: fast}", "features_options.precision 'fast': expected one of fp32, bf16, int8"),
+    ("ray_options: {num_workers: x}", "ray_options.num_workers 'x': expected an integer >= 1 or null"),
+]
+
+
+def _refused_before_any_work(p: subprocess.CompletedProcess, out: Path, expect: str) -> None:
+    assert p.returncode == 2, p.stderr
+    assert expect in error_line(p)
+    assert not (out / "features.h5").exists() and not (out / "config.yaml").exists()  # nothing done, nothing saved
+
+
+@pytest.mark.parametrize("flags,expect", BAD_FLAGS, ids=[f[0][0] for f in BAD_FLAGS])
+def test_bad_flag_values_are_one_line_before_extraction(scene, tmp_path, flags, expect):
+    out = tmp_path / "out"
+    _refused_before_any_work(run_cli("reconstruct", scene.image_dir, out, *SIFT, *flags, "-qq"), out, expect)
+
+
+@pytest.mark.parametrize("text,expect", BAD_YAML, ids=[t.split(":")[0] + str(i) for i, (t, _) in enumerate(BAD_YAML)])
+def test_bad_config_values_are_one_line_before_extraction(scene, tmp_path, text, expect):
+    out, cfg = tmp_path / "out", tmp_path / "mine.yaml"
+    cfg.write_text(text + "\n")
+    p = run_cli("reconstruct", scene.image_dir, out, *SIFT, "--config", cfg, "-qq")
+    _refused_before_any_work(p, out, expect)
+    assert str(cfg) in error_line(p)  # names the file
+
+
+def test_every_problem_of_a_config_is_one_line(scene, tmp_path):
+    out, cfg = tmp_path / "out", tmp_path / "mine.yaml"
+    cfg.write_text("max_image_size: big\nseed: [1, 2]\noverlap: 0\ncamera_mode: sometimes\n")
+    p = run_cli("reconstruct", scene.image_dir, out, *SIFT[:-4], "--config", cfg, "-qq")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert lines[0] == f"cd-sfm: error: {cfg}: 4 problems in the configuration:", p.stderr
+    assert [ln.split()[0] for ln in lines[1:]] == ["max_image_size", "overlap", "camera_mode", "seed"]  # key order
+    assert not (out / "features.h5").exists()
+
+
+def test_one_column_pair_file_is_refused_before_extraction(scene, tmp_path):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{scene.names[0]} {scene.names[1]}\n{scene.names[2]}\n")
+    out = tmp_path / "out"
+    p = run_cli("reconstruct", scene.image_dir, out, *SIFT[:-4], "--pairs", pairs, "-qq")
+    assert p.returncode == 2 and f"{pairs}:2: expected two image names" in error_line(p)
+    assert not (out / "features.h5").exists()
+
+
+def test_bad_values_in_python_are_refused_too(scene, tmp_path):
+    from cd_sfm.io import CdSfmError
+    from cd_sfm.pipeline import reconstruct
+
+    with pytest.raises(CdSfmError, match="features_options.max_keypoints 'many'"):
+        reconstruct(scene.image_dir, tmp_path / "out", {"features": "sift", "features_options": {"max_keypoints": "many"}})
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # settings, changed images, EXIF orientation
 
 

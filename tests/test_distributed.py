@@ -68,32 +68,33 @@ def test_ray_matches_in_process(ray_cluster, scene, tmp_path, ship_data):
     pairs = exhaustive.main(scene.names, tmp_path / "pairs.txt")
     matching.main("NN-ratio", tmp_path / "pairs.txt", ref / "features.h5", ref / "matches.h5", progress=False)
 
-    rconf = distributed.RayConf(num_workers=2, ship_data=ship_data, match_batch=2)
-    stats = distributed.extract(FEATURE_CONF, scene.image_dir, dist / "features.h5", ray_conf=rconf, progress=False)
+    ray_ex = distributed.RayExecutor(distributed.RayConf(num_workers=2, ship_data=ship_data, match_batch=2))
+    stats = extract.main(FEATURE_CONF, scene.image_dir, dist / "features.h5", executor=ray_ex, progress=False)
     assert stats["extracted"] == len(scene.names)
     assert_same_h5(ref / "features.h5", dist / "features.h5")
-    stats = distributed.match("NN-ratio", tmp_path / "pairs.txt", dist / "features.h5", dist / "matches.h5",
-                              ray_conf=rconf, progress=False)
+    stats = matching.main("NN-ratio", tmp_path / "pairs.txt", dist / "features.h5", dist / "matches.h5",
+                              executor=ray_ex, progress=False)
     assert stats["matched"] == len(pairs) and stats["num_matches_mean"] > 20
     assert_same_h5(ref / "matches.h5", dist / "matches.h5")
 
     # resumed runs reuse everything and start no worker
-    assert distributed.extract(FEATURE_CONF, scene.image_dir, dist / "features.h5", ray_conf=rconf,
+    assert extract.main(FEATURE_CONF, scene.image_dir, dist / "features.h5", executor=ray_ex,
                                progress=False)["reused"] == len(scene.names)
-    assert distributed.match("NN-ratio", tmp_path / "pairs.txt", dist / "features.h5", dist / "matches.h5",
-                             ray_conf=rconf, progress=False)["reused"] == len(pairs)
+    assert matching.main("NN-ratio", tmp_path / "pairs.txt", dist / "features.h5", dist / "matches.h5",
+                             executor=ray_ex, progress=False)["reused"] == len(pairs)
 
 
 def test_ray_skips_unreadable_images(ray_cluster, scene, tmp_path):
     import shutil
 
     from cd_sfm import distributed
+    from cd_sfm.features import extract
 
     images = tmp_path / "images"
     shutil.copytree(scene.image_dir, images)
     (images / "broken.png").write_bytes(b"not an image")
-    stats = distributed.extract(FEATURE_CONF, images, tmp_path / "features.h5",
-                                ray_conf={"num_workers": 1, "ship_data": True}, progress=False)
+    stats = extract.main(FEATURE_CONF, images, tmp_path / "features.h5",
+                                executor=distributed.RayExecutor({"num_workers": 1, "ship_data": True}), progress=False)
     assert list(stats["skipped"]) == ["broken.png"] and "broken.png" in stats["skipped"]["broken.png"]
     assert stats["extracted"] == len(scene.names)
 

@@ -144,8 +144,8 @@ def test_presets_are_valid():
         conf = config_mod.load_config(name)
         assert conf["features"] in extract.confs
         assert conf["matching"] in matching.confs
-        pipeline.feature_conf(conf)
-        pipeline.matching_conf(conf)
+        conf.features.extraction_conf()
+        conf.matching.matcher_conf()
         verify.two_view_options(conf["verification"])
         opts = mapping.pipeline_options({"mapper": "incremental", "options": conf["incremental_options"]})
         assert isinstance(opts, pycolmap.IncrementalPipelineOptions)
@@ -161,15 +161,16 @@ def test_presets_are_valid():
 def test_config_precedence_and_errors(tmp_path):
     conf = config_mod.load_config("fast", {"max_image_size": 640, "mapper": None})
     assert conf["max_image_size"] == 640 and conf["mapper"] == "incremental"  # None = not given
-    assert pipeline.feature_conf(conf)["max_image_size"] == 640
-    assert pipeline.feature_conf(conf)["options"]["max_keypoints"] == 4096  # from fast.yaml
+    assert conf.features.extraction_conf()["max_image_size"] == 640
+    assert conf.features.extraction_conf()["options"]["max_keypoints"] == 4096  # from fast.yaml
     path = tmp_path / "mine.yaml"
     path.write_text("features: rootsift\npairs: sequential\noverlap: 3\n")
     conf = config_mod.load_config(str(path))
     assert (conf["features"], conf["pairs"], conf["overlap"], conf["camera_model"]) == (
         "rootsift", "sequential", 3, "SIMPLE_RADIAL")
     config_mod.save_config(conf, tmp_path / "saved.yaml")
-    assert config_mod.resolve(config_mod.read_saved(tmp_path / "saved.yaml")) == {**conf, "_preset": "dict"}
+    saved = config_mod.resolve(config_mod.read_saved(tmp_path / "saved.yaml"))
+    assert dict(saved) == dict(conf) and saved.preset == "dict"
     path.write_text("featurs: sift\n")
     with pytest.raises(CdSfmError, match="unknown config key.*featurs"):
         config_mod.load_config(str(path))

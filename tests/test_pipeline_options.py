@@ -61,12 +61,12 @@ def test_model_flags_reach_the_backend_conf(tmp_path, empty_home):
     conf = pipeline.prepare_conf(parse("reconstruct", "i", "o", "--features", "contextdesc", "--model",
                                        registry.DEFAULT_MODEL, "--no-augment"))
     assert conf["model"] == registry.DEFAULT_MODEL and conf["augment"] is False
-    opts = pipeline.feature_conf(conf)["options"]
+    opts = conf.features.extraction_conf()["options"]
     assert opts["model"] == registry.DEFAULT_MODEL and opts["augment"] is False
     # default: the shipped model, recorded by name
     conf = pipeline.prepare_conf(parse("extract", "i", "o", "--features", "contextdesc"))
-    assert conf["model"] == registry.DEFAULT_MODEL and pipeline.feature_conf(conf)["options"]["model"] == conf["model"]
-    assert "augment" not in pipeline.feature_conf(conf)["options"]  # the backend's default (augment when it can)
+    assert conf["model"] == registry.DEFAULT_MODEL and conf.features.extraction_conf()["options"]["model"] == conf["model"]
+    assert "augment" not in conf.features.extraction_conf()["options"]  # the backend's default (augment when it can)
     # a weights folder by path (recorded absolute), and the config key in a preset file
     mine = tmp_path / "my-model"
     shutil.copytree(SHIPPED, mine)
@@ -76,12 +76,12 @@ def test_model_flags_reach_the_backend_conf(tmp_path, empty_home):
     assert conf["model"] == str(mine.resolve())
     # the model named in features_options (as cd_sfm.evaluation does) is kept; an explicit model key wins
     conf = pipeline.prepare_conf({"features": "contextdesc", "features_options": {"model": str(mine)}})
-    assert pipeline.feature_conf(conf)["options"]["model"] == str(mine.resolve())
+    assert conf.features.extraction_conf()["options"]["model"] == str(mine.resolve())
     conf = pipeline.prepare_conf({"features": "contextdesc", "features_options": {"model": str(mine)},
                                   "model": registry.DEFAULT_MODEL})
-    assert pipeline.feature_conf(conf)["options"]["model"] == registry.DEFAULT_MODEL
+    assert conf.features.extraction_conf()["options"]["model"] == registry.DEFAULT_MODEL
     # SIFT ignores a model from a config, but a --model flag with SIFT features is an error
-    assert pipeline.feature_conf(pipeline.prepare_conf({"features": "sift", "model": "whatever"}))["backend"] == "sift"
+    assert pipeline.prepare_conf({"features": "sift", "model": "whatever"}).features.extraction_conf()["backend"] == "sift"
     with pytest.raises(CdSfmError, match="--model: only for ContextDesc features.*--features contextdesc"):
         parse("reconstruct", "i", "o", "--features", "sift", "--model", registry.DEFAULT_MODEL)
 
@@ -253,7 +253,7 @@ def test_ray_session_shuts_down_only_what_it_started(monkeypatch):
     with pipeline.ray_session({"ray": None}) as rconf:
         assert rconf is None
     with pipeline.ray_session({"ray": "auto", "ray_options": {"num_workers": 3}}) as rconf:
-        assert (rconf.address, rconf.num_workers) == ("auto", 3)
+        assert (rconf.conf.address, rconf.conf.num_workers) == ("auto", 3)
         fake.initialized = True  # a stage started the cluster
         with pipeline.ray_session({"ray": "auto"}):
             pass

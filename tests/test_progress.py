@@ -14,7 +14,8 @@ from tqdm import tqdm as plain_tqdm
 
 from cd_sfm import progress
 from cd_sfm.colmap import mapping
-from cd_sfm.pipeline import ray_setting, reconstruct
+from cd_sfm.config import RaySettings
+from cd_sfm.pipeline import reconstruct
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,8 +87,8 @@ def test_cli_log_to_a_file_has_no_progress_frames(sift_run, tmp_path):
 
 
 def test_ray_setting():
-    assert ray_setting({"ray": None}) is None
-    assert ray_setting({"ray": "local", "ray_options": {"num_workers": 2}}) == {"address": "local", "num_workers": 2}
+    assert RaySettings(None).summary() is None
+    assert RaySettings("local", {"num_workers": 2}).summary() == {"address": "local", "num_workers": 2}
 
 
 def test_extract_stage_records_the_contextdesc_precision(sift_run, tmp_path):

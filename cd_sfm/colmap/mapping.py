@@ -49,6 +49,17 @@ confs = {
 }
 
 
+def set_option(obj, key: str, value, where: str) -> None:
+    """``setattr`` on a pycolmap options object; a value of the wrong type is one line naming the option."""
+    try:
+        setattr(obj, key, value)
+    except TypeError as e:
+        current = getattr(obj, key, None)
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            type(current), type(current).__name__)
+        raise CdSfmError(f"{where}{key} {value!r}: expected {kind}") from e
+
+
 def _apply(obj, values: dict, where: str) -> None:
     for k, v in values.items():
         if not hasattr(obj, k):
@@ -56,7 +67,7 @@ def _apply(obj, values: dict, where: str) -> None:
         if isinstance(v, dict):
             _apply(getattr(obj, k), v, f"{where}{k}.")
         else:
-            setattr(obj, k, v)
+            set_option(obj, k, v, f"mapping option {where}")
 
 
 def pipeline_options(conf: dict):

@@ -35,15 +35,17 @@ def two_view_options(conf: dict | None):
 
     merged = {**default_conf, **(conf or {})}
     ransac = {**default_conf["ransac"], **(merged.pop("ransac", None) or {})}
+    from .mapping import set_option
+
     opts = pycolmap.TwoViewGeometryOptions()
     for k, v in merged.items():
         if not hasattr(opts, k):
             raise CdSfmError(f"verification option {k!r}: not a TwoViewGeometryOptions attribute")
-        setattr(opts, k, v)
+        set_option(opts, k, v, "verification option ")
     for k, v in ransac.items():
         if not hasattr(opts.ransac, k):
             raise CdSfmError(f"verification option ransac.{k!r}: not a RANSACOptions attribute")
-        setattr(opts.ransac, k, v)
+        set_option(opts.ransac, k, v, "verification option ransac.")
     return opts
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..io import CdSfmError
-from ..models.runner import PRECISIONS
+from ..config import PRECISIONS
 from ..split import REPO_ROOT, default_data_root
 
 logger = logging.getLogger(__name__)

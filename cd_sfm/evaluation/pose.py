@@ -191,12 +191,9 @@ def _read(path: Path, max_size: int):
 
 
 def _match_conf(conf: PoseConf) -> dict:
-    from .. import config as config_mod
-    from ..matching import resolve_conf
+    from ..config import MatchingSettings
 
-    c = config_mod.DEFAULTS
-    m = resolve_conf(c["matching"])
-    m.update(c.get("matching_options") or {})
+    m = MatchingSettings().matcher_conf()  # the pipeline's default matching
     if conf.ratio is not None:
         m["ratio"] = conf.ratio
     return m

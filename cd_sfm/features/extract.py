@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from ..progress import tqdm
@@ -128,29 +129,6 @@ def rescale_features(feats: dict, original_size: tuple[int, int], size: tuple[in
     return out
 
 
-def _prefetch(items: list[str], load, depth: int = 2, workers: int = 1) -> Iterator[tuple[str, object]]:
-    """Yield (item, load(item) or the exception it raised) in order, running ``load`` up to ``depth`` items ahead on
-    ``workers`` threads."""
-    if not items:
-        return
-
-    def safe(item):
-        try:
-            return load(item)
-        except Exception as e:  # handed to the consumer
-            return e
-
-    depth = max(depth, workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(safe, it) for it in items[:depth]]
-        for i, item in enumerate(items):
-            result = futures[i].result()
-            futures[i] = None  # release the decoded image
-            if i + depth < len(items):
-                futures.append(pool.submit(safe, items[i + depth]))
-            yield item, result
-
-
 def _read_original(path: Path, grayscale: bool, max_size: int | None):
     """Read an image for the backend; also return the original (EXIF-oriented) size (w, h)."""
     image, _ = read_image(path, grayscale=grayscale, max_size=None)
@@ -166,14 +144,14 @@ def source_stamp(path: Path) -> dict:
     return {"source_size": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns)}
 
 
-def extract_image(backend, conf: dict, path: Path) -> dict[str, np.ndarray]:
+def extract_image(backend, conf: dict, path: Path, stamp: dict | None = None) -> dict[str, np.ndarray]:
     """One image through a backend: read (EXIF upright), resize to ``max_image_size``, extract, keypoints back to the
     original frame and then to the file's stored pixels (what COLMAP reads: it ignores EXIF orientation), the stored
     layout (``features_to_h5``) with the file's :func:`source_stamp` as group attributes. Raises ``CdSfmError`` for
-    an unreadable image."""
+    an unreadable image. ``stamp``: the :func:`source_stamp` of the original when ``path`` is a copy of it."""
     grayscale = bool(getattr(backend, "grayscale", False))
     image, original_size = _read_original(path, grayscale, conf.get("max_image_size"))
-    stamp = source_stamp(path)
+    stamp = stamp or source_stamp(path)
     feats = backend.extract(image)
     feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
     orientation = exif_orientation(path)
@@ -187,6 +165,65 @@ def extract_image(backend, conf: dict, path: Path) -> dict[str, np.ndarray]:
     out = features_to_h5(feats, conf.get("descriptor_dtype") or "float32")
     out[ATTRS_KEY] = {**stamp, "exif_orientation": orientation}
     return out
+
+
+class ExtractWorker:
+    """Extracts images with one built backend (its models loaded once): the worker of the extract stage, in this
+    process or on a Ray actor (:mod:`cd_sfm.executors`)."""
+
+    def __init__(self, conf: dict, backend=None):
+        self.conf = resolve_conf(conf)
+        self.backend = backend if backend is not None else make_backend(self.conf)
+
+    @property
+    def parallelism(self) -> int:
+        """Images extracted at once: backends with a thread-safe ``extract``, ``parallel_images`` > 1 and a
+        ``concurrent(n)`` context that shares the cores between n images (ContextDesc's int8 path)."""
+        if getattr(self.backend, "concurrent", None) is None:
+            return 1
+        return max(1, int(getattr(self.backend, "parallel_images", 1) or 1))
+
+    def session(self, n: int):
+        return self.backend.concurrent(n) if n > 1 else contextlib.nullcontext()
+
+    def extract(self, name: str, path: str, data: bytes | None = None,
+                stamp: dict | None = None) -> tuple[str, dict | str]:
+        """(name, stored feature dict), or (name, the one-line reason) for an unreadable image. ``data``: the file's
+        bytes and ``stamp`` its :func:`source_stamp`, shipped by the driver (no shared file system)."""
+        tmp = None
+        try:
+            if data is not None:
+                fd, tmp = tempfile.mkstemp(suffix=Path(name).suffix)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            return name, extract_image(self.backend, self.conf, Path(tmp or path), stamp)
+        except CdSfmError as e:  # an unreadable image: reported with its real path, skipped by the stage
+            return name, str(e).replace(tmp, str(path)) if tmp else str(e)
+        finally:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def pinned_conf(conf: dict, backend) -> dict:
+    """``conf`` with the choices its built ``backend`` made at run time fixed (ContextDesc's ``precision: auto``, which
+    may time the networks), so that every worker of a run computes the same features."""
+    used = getattr(backend, "precision_used", None)
+    if not used or (conf.get("options") or {}).get("precision", "auto") != "auto":
+        return conf
+    return {**conf, "options": {**(conf.get("options") or {}), "precision": used["local"]}}
+
+
+def image_names(image_dir: Path, image_list, skipped: dict[str, str]) -> list[str]:
+    """The images of a stage: ``image_list`` (names relative to ``image_dir``, or a text file of them), else every
+    image found by :func:`~cd_sfm.images.list_images` (unreadable ones go to ``skipped``)."""
+    if image_list is None:
+        return list_images(image_dir, skipped=skipped)
+    if isinstance(image_list, (str, Path)):
+        p = Path(image_list)
+        if not p.exists():
+            raise CdSfmError(f"{p}: image list not found")
+        image_list = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return list(dict.fromkeys(Path(n).as_posix() for n in image_list))
 
 
 def feature_settings(conf: dict) -> dict:
@@ -221,6 +258,7 @@ def main(
     overwrite: bool = False,
     progress: bool = True,
     backend=None,
+    executor=None,
 ) -> dict:
     """Extract features of the images of ``image_dir`` into ``feature_path``.
 
@@ -228,23 +266,20 @@ def main(
     a text file with one name per line); default: every image found by :func:`~cd_sfm.images.list_images`.
     ``overwrite``: extract again images already present (their entries are replaced when the new ones are merged).
     ``backend``: an already built backend instance (then ``conf['backend']``/``options`` are not used).
+    ``executor``: where the images are extracted (:mod:`cd_sfm.executors`; default: in this process). The backend is
+    built here first either way, so that run-time choices (``precision: auto``) are made once for every worker.
 
     Returns ``{"extracted": n, "reused": n, "skipped": {name: reason}, "no_keypoints": [names], "seconds": s,
-    "feature_path": str}``. Unreadable images are skipped with a warning, never abort the run.
+    "feature_path": str, "precision": ...}``. Unreadable images are skipped with a warning, never abort the run.
     """
+    from ..executors import InProcess
+
     t0 = time.monotonic()
     conf = resolve_conf(conf)
+    executor = executor or InProcess()
     image_dir, feature_path = Path(image_dir), Path(feature_path)
     skipped: dict[str, str] = {}
-    if image_list is None:
-        names = list_images(image_dir, skipped=skipped)
-    else:
-        if isinstance(image_list, (str, Path)):
-            p = Path(image_list)
-            if not p.exists():
-                raise CdSfmError(f"{p}: image list not found")
-            image_list = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        names = list(dict.fromkeys(Path(n).as_posix() for n in image_list))
+    names = image_names(image_dir, image_list, skipped)
     settings = feature_settings(conf)
     if not overwrite:
         check_file_settings(feature_path, settings, "features")
@@ -263,40 +298,44 @@ def main(
     no_keypoints: list[str] = []
     precision = None
     if todo:
-        if backend is None:
-            backend = make_backend(conf)
-        precision = getattr(backend, "precision_used", None)  # ContextDesc: the precision auto settled on
-        # backends that extract several images at once: thread-safe ``extract``, ``parallel_images`` > 1 and a
-        # ``concurrent(n)`` context that shares the cores between n images (ContextDesc's int8 path)
-        workers = max(1, int(getattr(backend, "parallel_images", 1) or 1))
-        concurrent = getattr(backend, "concurrent", None)
-        if concurrent is None:
-            workers = 1
+        local = ExtractWorker(conf, backend)
+        precision = getattr(local.backend, "precision_used", None)  # ContextDesc: the precision auto settled on
+        worker_conf = pinned_conf(conf, local.backend)
+        if executor.remote:
+            local = None  # the workers build their own
         logger.info("Extracting %s features of %d image(s) into %s%s", conf["backend"], len(todo), feature_path,
-                    f" ({workers} at a time)" if workers > 1 else "")
+                    f" ({local.parallelism} at a time)" if local is not None and local.parallelism > 1 else "")
 
-        def work(name):
-            return extract_image(backend, conf, image_dir / name)
+        def tasks():
+            for name in todo:
+                path = image_dir / name
+                data = stamp = None
+                if executor.ships_data:
+                    try:
+                        stamp = source_stamp(path)
+                        data = path.read_bytes()
+                    except OSError as e:  # the worker reports the unreadable file
+                        data = b""
+                        logger.debug("cannot read %s: %s", path, e)
+                yield name, str(path), data, stamp
 
-        # a part file every image or two seconds: a killed run loses at most that much work
+        # a part file every 16 images or two seconds: a killed run loses at most that much work
         with H5Appender(feature_path, flush_every=16, flush_seconds=2.0, settings=settings) as out, \
-                (concurrent(workers) if workers > 1 else contextlib.nullcontext()):
-            with tqdm(_prefetch(todo, work, depth=2 * workers, workers=workers), total=len(todo), desc="extract",
-                      unit="img", disable=not progress) as bar:
-                for name, result in bar:
-                    if isinstance(result, CdSfmError):
-                        logger.warning("Skipping %s", result)
-                        skipped[name] = str(result)
-                        continue
-                    if isinstance(result, Exception):
-                        raise result
-                    n = len(result["keypoints"])
-                    if n == 0:
-                        logger.warning("%s: no keypoints found", image_dir / name)
-                        no_keypoints.append(name)
-                    out.add(name, result)
-                    extracted += 1
-                    bar.set_postfix(kpts=n, refresh=False)
+                tqdm(total=len(todo), desc="extract", unit="img", disable=not progress) as bar:
+            for name, result in executor.run(ExtractWorker, (worker_conf,), "extract", tasks(), len(todo),
+                                             local_worker=local):
+                bar.update(1)
+                if isinstance(result, str):
+                    logger.warning("Skipping %s", result)
+                    skipped[name] = result
+                    continue
+                n = len(result["keypoints"])
+                if n == 0:
+                    logger.warning("%s: no keypoints found", image_dir / name)
+                    no_keypoints.append(name)
+                out.add(name, result)
+                extracted += 1
+                bar.set_postfix(kpts=n, refresh=False)
     else:
         merge_parts(feature_path)  # parts left by a killed run that had finished every image
     stats = {

@@ -27,9 +27,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..config import PRECISIONS
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8", "auto")
 _PROBES: dict = {}  # (int8 file, float precision, threads) -> probe_local_speed result, once per process
 _THREADS_SET = False
 

@@ -238,12 +238,11 @@ def mine_scene(scene_dir: Path, work_dir: Path, conf: SfmMineConf, image_index: 
                track_offset: int, rng: np.random.Generator):
     """Pairs of one reconstructed scene; returns (arrays dict, per-image keypoint sets, stats)."""
     from ..images import list_images as list_scene_images
-    from ..pipeline import feature_conf
 
     from .. import config as config_mod
 
     pconf = config_mod.resolve(dict(conf.reconstruct))
-    max_size = feature_conf(pconf).get("max_image_size") or 100000
+    max_size = pconf.features.extraction_conf().get("max_image_size") or 100000
     obs = read_tracks(work_dir, conf.max_reproj_error, conf.min_track_length)
     all_names = list_scene_images(scene_dir)
     with h5py.File(work_dir / "features.h5", "r") as f:
