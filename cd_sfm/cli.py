@@ -42,7 +42,7 @@ logger = logging.getLogger("cd_sfm")
 # ----------------------------------------------------------------------------------------------------------------------
 # HOOK POINT: subcommands provided by other modules. (command, module); the module defines add_parser(subparsers).
 EXTRA_COMMANDS: list[tuple[str, str]] = [
-    ("models", "cd_sfm.models.cli"),  # list / download / import / convert model weights
+    ("models", "cd_sfm.modeltools.cli"),  # list / download / import / convert model weights
     ("train", "cd_sfm.train.cli"),  # mine patches and train the local / augmentation models
     ("eval", "cd_sfm.evaluation.cli"),  # HPatches MMA, relative pose AUC, SfM statistics
     ("match-pair", "cd_sfm.match_pair"),  # match two images and draw the matches
@@ -384,9 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         try:
             importlib.import_module(module).add_parser(sub)
-        except Exception as e:  # a broken optional command must not break the others
-            logging.getLogger(__name__).debug("subcommand %s unavailable: %s", name, e)
+        except Exception as e:  # a broken command must not break the others, nor vanish: it says why when used
+            logging.getLogger(__name__).debug("subcommand %s unavailable", name, exc_info=True)
+            _add_broken(sub, name, module, e)
     return parser
+
+
+def _add_broken(sub, name: str, module: str, error: Exception) -> None:
+    """A subcommand whose module failed to load: listed, and one line naming the module and the error when run."""
+    why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
+
+    def fail(args) -> int:
+        raise CdSfmError(f"{name}: this command could not be loaded ({module}: {why}); reinstall cd_sfm")
+
+    p = sub.add_parser(name, help=f"(unavailable: {why})", add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=fail)
 
 
 class Terminated(KeyboardInterrupt):

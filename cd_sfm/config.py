@@ -63,6 +63,7 @@ from typing import Any
 import yaml
 
 from .io import CdSfmError, atomic_write_text
+from .models import PRECISIONS  # ContextDesc inference (re-exported for the CLIs)
 
 DEFAULTS: dict[str, Any] = {
     "features": "contextdesc",
@@ -103,7 +104,6 @@ RETRIEVAL_KINDS = ("auto", "regional", "local")
 CAMERA_MODES = ("auto", "single", "per-folder", "per-image")
 DESCRIPTOR_UINT8 = ("auto", "sift", "shifted", "none")
 MAPPERS = ("incremental", "global", "hierarchical")
-PRECISIONS = ("fp32", "bf16", "int8", "auto")  # ContextDesc inference (cd_sfm.models.runner)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,23 @@
-"""Two-view geometry helpers shared by the evaluation, the mapping checks and the trainers (numpy only)."""
+"""Geometry helpers shared by the feature backends, the evaluation, the mapping checks and the trainers (numpy only):
+unit vectors, the keypoint coordinates the augmentation network reads, two-view geometry."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """``x`` scaled to unit L2 norm along ``axis`` (zero vectors stay zero)."""
+    x = np.asarray(x)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def normalized_keypoints(xy, width: float, height: float) -> np.ndarray:
+    """(N, 2) pixel coordinates -> [-1, 1] about the image centre, as the augmentation network reads them
+    (``kpt_xy`` of the official graphs)."""
+    xy = np.asarray(xy, np.float32).reshape(-1, 2)
+    half = np.array([width / 2, height / 2], np.float32)
+    return ((xy - half) / half).astype(np.float32)
 
 
 def skew(v) -> np.ndarray:

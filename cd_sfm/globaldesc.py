@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
+from .geometry import l2_normalize
 from .progress import tqdm
 
 from .io import CdSfmError, H5Appender, completed_names, read_npz
@@ -99,15 +100,6 @@ RETRIEVAL_PRESETS = {"regional": "gem", "local": "vlad"}
 
 # --------------------------------------------------------------------------------------------------------------------
 # small numeric helpers
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# regional pooling
 
 
 def gem(fmap: np.ndarray, p: float = 3.0, eps: float = 1e-6) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .models.registry import DEFAULT_MODEL
 from .config import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ ROWS = (("sift", "SIFT"), ("local", "raw local"), ("augmented", "augmented"))
 
 @dataclass
 class MatchPairConf:
-    model: str = "cd-sfm-v1"
+    model: str = DEFAULT_MODEL
     max_keypoints: int = 4096
     upright: bool = False
     max_image_size: int = 0  # longest side the features are computed at (0: full resolution)

@@ -47,7 +47,7 @@ def _cpu_name() -> str:
 
 def load_images(src: str | None, num: int, max_size: int) -> list[np.ndarray]:
     from cd_sfm.images import read_image
-    from cd_sfm.models.frozen import generated_image
+    from cd_sfm.modeltools.frozen import generated_image
 
     folder = Path(src) if src else ROOT.parent / "shared" / "data" / "strecha_entry-P10_half"
     files = []
@@ -68,8 +68,8 @@ def random_model_folder(tmp: Path, regional: bool = False) -> str:
     from cd_sfm.models.regional import build_regional_model
     from cd_sfm.models.weights import save_weights_npz
 
-    from cd_sfm.models.frozen import generated_image
-    from cd_sfm.models.quantize import patches_from_images
+    from cd_sfm.modeltools.frozen import generated_image
+    from cd_sfm.modeltools.quantize import patches_from_images
 
     d = tmp / "random-model"
     save_weights_npz(build_local_model(), d / "local.npz")
@@ -77,7 +77,7 @@ def random_model_folder(tmp: Path, regional: bool = False) -> str:
     if regional:
         save_weights_npz(build_regional_model(), d / "regional.npz", dtype=None)
     (d / "info.json").write_text(json.dumps({"name": "random", "trained_on": "random weights (timing only)"}))
-    from cd_sfm.models.quantize import quantize_folder
+    from cd_sfm.modeltools.quantize import quantize_folder
 
     gen = tmp / "calibration"
     gen.mkdir()

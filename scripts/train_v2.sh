@@ -12,8 +12,9 @@
 #             warps (LOCAL_STEPS, default 3000, LOCAL_BUDGET minutes, default 150)
 #   student   the compact local model (a quarter of the multiply-adds) distilled from NAME's local model on the same
 #             mix, exported as NAME-compact (STUDENT_STEPS, default 3000, STUDENT_BUDGET minutes, default 90)
-#   augment   augmentation pairs from the SfM reconstructions (whole keypoint sets, F from the poses) + near-upright
-#             warps, then the geometric augmentation network, for NAME and NAME-compact
+#   augment   augmentation pairs from the SfM reconstructions of `mine` (whole keypoint sets, track correspondences, F
+#             from the poses; held-out images validate), then the geometric augmentation network, for NAME and
+#             NAME-compact
 #   int8      the int8 forms of both local models
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,10 +52,8 @@ if run augment; then
         [ -d "cd_sfm/weights/$M" ] || continue
         [ -f "$W/sfm_pairs_$M.h5" ] || cd-sfm train mine-sfm-pairs "$W/sfm_pairs_$M.h5" "$W"/sfm/* \
             --val-from "$W/tracks.h5" --local "$M"
-        [ -f "$W/warp_pairs_$M.h5" ] || cd-sfm train mine-pairs "$W/warp_pairs_$M.h5" --local "$M" \
-            --max-rotation 30 --max-scale 1.5 --warps-per-image 1 --val-warps-per-image 0
-        cd-sfm train augment "$W/sfm_pairs_$M.h5" "$W/augment_$M" --data-extra "$W/warp_pairs_$M.h5" \
-            --loss npair --lr 1e-3 --steps 1200 --val-every 100 --time-budget 30
+        cd-sfm train augment "$W/sfm_pairs_$M.h5" "$W/augment_$M" --loss npair --lr 1e-3 \
+            --steps "${AUGMENT_STEPS:-1200}" --val-every 100 --time-budget 30
         cd-sfm train export-augment "$W/augment_$M" "$M" --which best
     done
 fi

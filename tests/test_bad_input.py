@@ -436,7 +436,7 @@ def test_disk_full_is_one_line_and_keeps_finished_work(scene, done_run, tmp_path
 def test_int8_interpreters_built_in_threads_never_lose_stderr():
     """Two threads building TFLite interpreters at once used to leave fd 2 on a deleted temp file."""
     from cd_sfm.models import registry
-    from cd_sfm.models.quantize import Int8Local, int8_path
+    from cd_sfm.models.int8 import Int8Local, int8_path
 
     path = int8_path(registry.resolve(registry.DEFAULT_MODEL).folder)
     if path is None:

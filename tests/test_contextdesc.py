@@ -16,8 +16,9 @@ from cd_sfm.features import contextdesc as cd_mod
 from cd_sfm.features.contextdesc import ContextDescBackend
 from cd_sfm.io import CdSfmError
 from cd_sfm.models import registry
+from cd_sfm.modeltools import cli as models_cli, manage
 from cd_sfm.models.augment import build_augment_model
-from cd_sfm.models.frozen import generated_image
+from cd_sfm.modeltools.frozen import generated_image
 from cd_sfm.models.local import build_local_model
 from cd_sfm.models.regional import build_regional_model
 from cd_sfm.models.runner import bf16_support
@@ -160,16 +161,16 @@ def official_graphs(tmp_path_factory):
 def test_import_list_check(home, official_graphs, capsys, image):
     args = argparse.Namespace(name="mine", local=str(official_graphs["local"]), aug=str(official_graphs["aug"]),
                               regional=None, trained_on="GL3D (test)", force=False, check=True)
-    assert registry.cmd_import(args) == 0
+    assert models_cli.cmd_import(args) == 0
     folder = home / "models" / "mine"
     assert (folder / "original" / "local.pb").is_file() and (folder / "original" / "aug.pb").is_file()
     info = json.loads((folder / "info.json").read_text())
     assert info["parity"]["local"] < 1e-5 and info["parity"]["augment"] < 1e-5
     assert info["augment_interp"] == "uniform" and info["augment_visual"] is True
     with pytest.raises(CdSfmError, match="exists"):
-        registry.cmd_import(args)
+        models_cli.cmd_import(args)
     capsys.readouterr()
-    assert registry.cmd_list(argparse.Namespace()) == 0
+    assert models_cli.cmd_list(argparse.Namespace()) == 0
     out = capsys.readouterr().out
     assert "mine" in out and "GL3D (test)" in out and "contextdesc++" in out
     # the wired CLI: `cd-sfm models check NAME`
@@ -221,14 +222,14 @@ def test_download_resumes(server, tmp_path):
     handler.files["/f.bin"] = data
     dest = tmp_path / "f.bin"
     (tmp_path / "f.bin.part").write_bytes(data[:123_456])
-    registry.download_file(url + "/f.bin", dest, progress=False)
+    manage.download_file(url + "/f.bin", dest, progress=False)
     assert dest.read_bytes() == data and handler.ranges == ["bytes=123456-"]
     assert not (tmp_path / "f.bin.part").exists()
 
 
 def test_download_offline_says_where_to_put_the_file(tmp_path):
     with pytest.raises(CdSfmError, match=r"put it at .*x\.tar") as e:
-        registry.download_file("http://127.0.0.1:9/x.tar", tmp_path / "x.tar", progress=False, timeout=5)
+        manage.download_file("http://127.0.0.1:9/x.tar", tmp_path / "x.tar", progress=False, timeout=5)
     assert "\n" not in str(e.value)
 
 
@@ -241,7 +242,7 @@ def test_download_official_release(server, home, official_graphs, monkeypatch):
     handler.files["/contextdesc_pp.tar"] = buf.getvalue()
     off = replace(registry.OFFICIAL["contextdesc++"], url=url + "/contextdesc_pp.tar")
     monkeypatch.setitem(registry.OFFICIAL, "contextdesc++", off)
-    entry = registry.download("contextdesc-pp", with_regional=False, progress=False)
+    entry = manage.download("contextdesc-pp", with_regional=False, progress=False)
     assert entry.name == "contextdesc++" and entry.source == "official"
     assert entry.components == ["local", "augment"] and entry.info["parity"]["local"] < 1e-5
     assert registry.resolve("contextdesc_pp").folder == entry.folder

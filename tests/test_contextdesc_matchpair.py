@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cd_sfm.models.augment import build_augment_model
-from cd_sfm.models.frozen import generated_image
+from cd_sfm.modeltools.frozen import generated_image
 from cd_sfm.models.local import build_local_model
 from cd_sfm.models.weights import save_weights_npz
 

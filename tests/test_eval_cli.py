@@ -71,7 +71,7 @@ def scene(tmp_path_factory):
 
 def test_describers_same_keypoints(models, caplog):
     from cd_sfm.features.patches import SiftDetectorConf, detect_sift
-    from cd_sfm.models.frozen import generated_image
+    from cd_sfm.modeltools.frozen import generated_image
 
     gray = generated_image(200, 240, seed=3)
     gray = gray if gray.ndim == 2 else gray.mean(-1).astype(np.uint8)

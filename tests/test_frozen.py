@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cd_graphs import build_augment_graph, build_local_graph, build_regional_graph
-from cd_sfm.models import frozen
+from cd_sfm.modeltools import frozen
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from cd_graphs import build_augment_graph, build_local_graph
 from cd_sfm.io import CdSfmError, read_npz
-from cd_sfm.models import frozen
+from cd_sfm.modeltools import frozen
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +232,7 @@ def test_pickled_weights_in_a_model_folder_give_one_line(tmp_path):
     np.savez(folder / "local.npz", **{"conv0/kernel": np.array([object()], dtype=object)})
     img = tmp_path / "img"
     img.mkdir()
-    from cd_sfm.models.frozen import generated_image
+    from cd_sfm.modeltools.frozen import generated_image
     import cv2
 
     for i in range(2):

@@ -63,7 +63,7 @@ def test_compact_student_distils_exports_and_runs(mined, tmp_path):
     the inference backend (folded twin) and the int8 quantiser like any model."""
     from cd_sfm.features.contextdesc import ContextDescBackend
     from cd_sfm.models import local, registry
-    from cd_sfm.models.quantize import quantize_folder
+    from cd_sfm.modeltools.quantize import quantize_folder
 
     teacher = registry.resolve(registry.DEFAULT_MODEL).path("local")
     out = tmp_path / "weights"

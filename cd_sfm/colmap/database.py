@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
+from ..geometry import l2_normalize
 from ..io import CdSfmError, check_feature_entry, check_matches_entry, find_pair, list_h5_names, parse_pairs, \
     writing
 
@@ -79,12 +80,10 @@ def descriptors_to_uint8(desc: np.ndarray, mode: str = "auto") -> np.ndarray:
     if mode == "auto":
         mode = "sift" if d.size == 0 or float(d.min()) >= 0 else "shifted"
     if mode == "sift":
-        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+        d = l2_normalize(d, axis=1)
     if mode == "shifted":
-        d = d - d.mean(axis=1, keepdims=True)
-        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-        d = np.maximum(d + 2.0 / np.sqrt(d.shape[1]), 0.0)
-        d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+        d = l2_normalize(d - d.mean(axis=1, keepdims=True), axis=1)
+        d = l2_normalize(np.maximum(d + 2.0 / np.sqrt(d.shape[1]), 0.0), axis=1)
     elif mode != "sift":
         raise ValueError(f"unknown descriptor_uint8 mode {mode!r} (auto, sift, shifted, none)")
     return np.clip(np.round(512.0 * d), 0, 255).astype(np.uint8)

@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..models import registry
+from ..geometry import l2_normalize
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
 from ..io import CdSfmError
 
@@ -88,7 +90,7 @@ def local_describer(model, batch: int = 1024, upright: bool = False) -> Callable
                 x = np.concatenate([x, np.zeros((batch - m, 32, 32), np.float32)])
             out.append(fn(tf.constant(x[..., None])).numpy()[:m])
         d = np.concatenate(out) if out else np.zeros((0, 128), np.float32)
-        return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+        return l2_normalize(d, axis=1)
 
     return describe
 
@@ -212,7 +214,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="cd-sfm eval hpatches", description=__doc__.split("\n")[0])
     p.add_argument("root", nargs="?", default=str(DEFAULT_ROOT), help="folder of HPatches sequences")
     p.add_argument("--weights", action="append", default=[],
-                   help="local model weights (.npz), or NAME=path.npz; repeatable. Default: shipped cd-sfm-v1")
+                   help="local model weights (.npz), or NAME=path.npz; repeatable. Default: the shipped default model")
     p.add_argument("--max-keypoints", type=int, default=4096)
     p.add_argument("--upright", action="store_true")
     p.add_argument("--max-size", type=int, default=0)
@@ -224,7 +226,7 @@ def cli_eval_hpatches(args) -> dict:
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
     conf = HPatchesConf(max_keypoints=args.max_keypoints, upright=args.upright, max_size=args.max_size)
-    weights = args.weights or [str(Path(__file__).resolve().parents[1] / "weights" / "cd-sfm-v1" / "local.npz")]
+    weights = args.weights or [str(registry.resolve(registry.DEFAULT_MODEL).path("local"))]
     describers: dict[str, Callable] = {"rootsift": rootsift_describer}
     for w in weights:
         name, path = w.split("=", 1) if "=" in w else ("local" if len(weights) == 1 else Path(w).parent.name, w)

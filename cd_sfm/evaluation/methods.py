@@ -19,13 +19,14 @@ from typing import Callable
 
 import numpy as np
 
+from ..models.registry import DEFAULT_MODEL
+from ..geometry import normalized_keypoints
 from ..io import CdSfmError
 from .hpatches import rootsift
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("rootsift", "local", "contextdesc")
-DEFAULT_MODEL = "cd-sfm-v1"
 
 
 def parse_methods(text: str | list[str] | None) -> list[str]:
@@ -64,7 +65,7 @@ class _LearnedDescriber:
         return self._val
 
     def local(self, gray, kpts, image=None) -> np.ndarray:
-        from ..models.runner import l2_normalize
+        from ..geometry import l2_normalize
 
         feat, _ = self._local(gray, kpts)
         return l2_normalize(feat)
@@ -76,7 +77,7 @@ class _LearnedDescriber:
             return np.zeros((0, 128), np.float32)
         h, w = gray.shape[:2]
         xy = np.asarray(kpts["keypoints"], np.float32)
-        kxy = np.stack([(xy[:, 0] - w / 2) / (w / 2), (xy[:, 1] - h / 2) / (h / 2)], axis=-1)
+        kxy = normalized_keypoints(xy, w, h)
         rmap = None
         runner = self.backend.runner
         if runner.has_regional:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.registry import DEFAULT_MODEL
 from ..io import CdSfmError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def scene_gt(scene: Path, unusable: dict[Path, str] | None = None) -> dict | Non
     return load_gt(scene)
 
 
-def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, model: str = "cd-sfm-v1",
+def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, model: str = DEFAULT_MODEL,
                  conf: SfmEvalConf = SfmEvalConf(), unusable: dict[Path, str] | None = None) -> dict:
     """Run the pipeline per method on ``scene``; returns {"conf", "scene", "methods": {m: stats}, "absent"}.
     ``unusable``: {scene folder: reason} whose ground truth is not used (the split's ``gt_unusable``)."""
@@ -163,7 +164,7 @@ def overall(per_scene: dict[str, dict]) -> dict:
 
 
 def evaluate_sfm_scenes(scenes: list[str | Path], methods: list[str], work_dir: str | Path,
-                        model: str = "cd-sfm-v1", conf: SfmEvalConf = SfmEvalConf(),
+                        model: str = DEFAULT_MODEL, conf: SfmEvalConf = SfmEvalConf(),
                         unusable: dict[Path, str] | None = None) -> dict:
     """:func:`evaluate_sfm` on each scene; returns {"conf", "model", "scenes": {scene: result}, "methods":
     :func:`overall`, "absent"}."""

@@ -1,7 +1,7 @@
 """ContextDesc feature backend: SIFT keypoints -> 32x32 patches -> local descriptor + matchability -> (regional
 ResNet50 map) -> augmentation with visual and geometric context -> 128-d L2-normalised descriptors.
 
-Options (``ContextDescBackend.Conf``): ``model`` (registry name or folder, default ``cd-sfm-v1``), ``max_keypoints``
+Options (``ContextDescBackend.Conf``): ``model`` (registry name or folder, default ``registry.DEFAULT_MODEL``), ``max_keypoints``
 (4096), ``upright``, ``max_image_size`` (0 = full resolution), ``augment`` (False stores the raw local descriptors,
 L2-normalised), ``regional`` (False, or a model without regional weights, gives geometric context only; said once in
 the log), ``regional_max_size`` (1024, the authors' limit), ``precision`` (``fp32`` | ``bf16`` | ``int8`` | ``auto``:
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
+from ..models.registry import DEFAULT_MODEL
 from . import register
 from .patches import SiftDetectorConf, detect_sift, extract_patches, to_gray
 
@@ -41,7 +42,7 @@ def _say_once(key, msg, *args):
 class ContextDescBackend:
     @dataclass
     class Conf:
-        model: str = "cd-sfm-v1"
+        model: str = DEFAULT_MODEL
         max_keypoints: int = 4096
         upright: bool = False
         max_image_size: int = 0
@@ -134,7 +135,7 @@ class ContextDescBackend:
         info = dict(entry.info)
         info.setdefault("name", entry.name)
         if conf.precision in ("int8", "auto"):
-            from ..models.quantize import int8_path
+            from ..models.int8 import int8_path
 
             info["int8_path"] = int8_path(entry.folder)
         return models, info
@@ -194,7 +195,7 @@ class ContextDescBackend:
                 self._inflight -= 1
 
     def _extract_one(self, image: np.ndarray, keep_local: bool) -> dict:
-        from ..models.runner import l2_normalize
+        from ..geometry import l2_normalize, normalized_keypoints
 
         img = np.asarray(image)
         if img.dtype != np.uint8:
@@ -221,7 +222,7 @@ class ContextDescBackend:
         tm["detect"], tm["patches"], tm["local"], tm["images"], tm["keypoints"] = t1 - t0, t2 - t1, t3 - t2, 1, n
         if self.conf.augment and self.runner.has_augment and n:
             xy = kp["keypoints"].astype(np.float32)
-            kxy = np.stack([(xy[:, 0] - w / 2) / (w / 2), (xy[:, 1] - h / 2) / (h / 2)], axis=-1)
+            kxy = normalized_keypoints(xy, w, h)
             rmap = None
             if self.runner.has_regional:
                 from ..models.regional import prepare_image

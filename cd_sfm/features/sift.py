@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..geometry import l2_normalize
 from . import register
 from .patches import SiftDetectorConf, detect_sift, to_gray
 
@@ -36,11 +37,6 @@ def descriptors_to_uint8(desc: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(desc, np.float32) * 512.0), 0, 255).astype(np.uint8)
 
 
-def _l2_normalize(desc: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(desc, axis=1, keepdims=True)
-    return desc / np.maximum(norm, 1e-12)
-
-
 @register("sift")
 class SiftBackend:
     """Difference-of-Gaussians keypoints with OpenCV SIFT descriptors (L2-normalised, 128-D)."""
@@ -61,7 +57,7 @@ class SiftBackend:
         return descriptors_to_uint8(desc)
 
     def _describe(self, sift: np.ndarray) -> np.ndarray:
-        return _l2_normalize(sift)
+        return l2_normalize(sift)
 
     def extract(self, image: np.ndarray) -> dict[str, np.ndarray]:
         gray = to_gray(np.asarray(image))

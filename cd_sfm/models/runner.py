@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..config import PRECISIONS
+from . import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def probe_local_speed(int8_path, local_model, builder, float_precision: str = "b
     patches after a warm-up; ``choice`` is the faster of "int8" and ``float_precision``."""
     import tensorflow as tf
 
-    from .quantize import Int8Local
+    from .int8 import Int8Local
 
     x = np.random.default_rng(0).normal(size=(n, 32, 32, 1)).astype(np.float32)
     policy = "mixed_bfloat16" if float_precision == "bf16" else None
@@ -277,7 +277,7 @@ class ContextDescRunner:
 
     def _int8_net(self, threads: int | None = None):
         """This thread's interpreter with ``threads`` threads (default ``int8_threads``; 0 = all cores)."""
-        from .quantize import Int8Local
+        from .int8 import Int8Local
 
         threads = self.int8_threads if threads is None else int(threads)
         nets = getattr(self._int8_tls, "nets", None)
@@ -353,8 +353,3 @@ class ContextDescRunner:
                 raise RuntimeError("this augmentation model needs a regional feature map")
             args.append(np.asarray(regional_map, np.float32).reshape((1,) + np.shape(regional_map)[-3:]))
         return self._augment(*args).numpy()[0, :n]
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..io import CdSfmError
-from . import Pair, save
+from . import Pair, save, unique_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ def main(
         raise ValueError(f"on_unknown must be error or skip, not {on_unknown!r}")
     known = set(names) if names is not None else None
     path = Path(pairs_file)
-    pairs: list[Pair] = []
-    seen: set[Pair] = set()
-    n_self = n_dup = n_unknown = 0
+    kept: list[Pair] = []
+    n_unknown = 0
     for line, a, b in read(path):
         if known is not None:
             unknown = [n for n in (a, b) if n not in known]
@@ -71,16 +70,10 @@ def main(
                 logger.warning("Dropping pair: %s", msg)
                 n_unknown += 1
                 continue
-        if a == b:
-            logger.debug("%s:%d: dropping self pair %s", path, line, a)
-            n_self += 1
-            continue
-        key = (a, b) if a < b else (b, a)
-        if key in seen:
-            n_dup += 1
-            continue
-        seen.add(key)
-        pairs.append((a, b))
+        kept.append((a, b))
+    pairs = unique_pairs(kept)
+    n_self = sum(a == b for a, b in kept)
+    n_dup = len(kept) - n_self - len(pairs)
     if n_self or n_dup or n_unknown:
         logger.info("%s: %d pair(s) kept; dropped %d self pair(s), %d repeat(s), %d with unknown images",
                     path, len(pairs), n_self, n_dup, n_unknown)

@@ -53,6 +53,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from ..geometry import l2_normalize
 from ..features.patches import extract_patches
 from ..io import CdSfmError, require_h5_path
 from ..split import SPLIT_FILE, eval_dirs
@@ -264,7 +265,7 @@ def mine_scene(scene_dir: Path, work_dir: Path, conf: SfmMineConf, image_index: 
     np.logical_or.at(track_val, obs["track"], obs_val)
 
     ray = obs["xyz"] - obs["center"]
-    ray /= np.maximum(np.linalg.norm(ray, axis=1, keepdims=True), 1e-12)
+    ray = l2_normalize(ray, axis=1)
 
     def pair_score(i, j):
         cosang = np.clip(np.sum(ray[i] * ray[j], -1), -1, 1)

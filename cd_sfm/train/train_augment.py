@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..models.registry import DEFAULT_MODEL
+from ..geometry import l2_normalize
 from ..io import CdSfmError, atomic_write_text, hash_file
 from .pair_data import read_pairs
 from .runlog import append_log, read_log, warmup_cosine, write_log
@@ -303,8 +305,7 @@ class AugTrainer:
 
 
 def _l2n(x):
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return l2_normalize(np.asarray(x, np.float32))
 
 
 def pair_metrics(d0: np.ndarray, d1: np.ndarray, pair: dict) -> dict:
@@ -427,7 +428,7 @@ def train_augment(conf: AugTrainConf) -> dict:
         val = [val[i] for i in np.unique(np.linspace(0, len(val) - 1, conf.val_pairs).round().astype(int))]
     if not train:
         raise CdSfmError(f"{conf.data}: no training pairs with correspondences")
-    local_name = conf.local or str(attrs.get("local_model", "cd-sfm-v1"))
+    local_name = conf.local or str(attrs.get("local_model", DEFAULT_MODEL))
     local_path = _local_weights_path(local_name)
     logger.info("data: %d training pairs, %d validation pairs; local model %s", len(train), len(val), local_path)
     trainer = AugTrainer(conf, str(local_path) if e2e else None)

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from ..geometry import l2_normalize
 from ..io import CdSfmError, atomic_write_text, open_h5
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
@@ -264,7 +265,7 @@ def validation_metrics(describe, val: dict, block: int = 1024, seed: int = 0) ->
     if n == 0:
         return {"val_fpr95": float("nan"), "val_acc": float("nan"), "val_mb_auc": float("nan")}
     feats, mbs = describe(val["patches"].reshape(-1, 32, 32))
-    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    feats = l2_normalize(feats, axis=1)
     a, p = feats[0::2], feats[1::2]
     mb = mbs[0::2]
     d_pos = np.linalg.norm(a - p, axis=1)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from ..geometry import normalized_keypoints
 from ..io import CdSfmError
 
 logger = logging.getLogger(__name__)
@@ -704,7 +705,7 @@ def _has_data_input(fg: FrozenGraph, spec: GraphSpec, canon: str) -> bool:
 
 def import_local(pb, model=None):
     """Read a local frozen graph into a (new or given) Keras local model. Returns (model, report)."""
-    from .local import build_local_model
+    from ..models.local import build_local_model
 
     fg = pb if isinstance(pb, FrozenGraph) else FrozenGraph(pb, label=str(pb))
     model = model or build_local_model()
@@ -714,7 +715,7 @@ def import_local(pb, model=None):
 
 def import_augment(pb, model=None):
     """Read an augmentation frozen graph. A graph without ``input/regional_feat`` gives the geometric-only model."""
-    from .augment import build_augment_model
+    from ..models.augment import build_augment_model
 
     fg = pb if isinstance(pb, FrozenGraph) else FrozenGraph(pb, label=str(pb))
     visual = _has_data_input(fg, AUGMENT_SPEC, "regional_feat")
@@ -731,7 +732,7 @@ def import_augment(pb, model=None):
 
 
 def import_regional(pb, model=None):
-    from .regional import RGB_MEAN, build_regional_model
+    from ..models.regional import RGB_MEAN, build_regional_model
 
     fg = pb if isinstance(pb, FrozenGraph) else FrozenGraph(pb, label=str(pb))
     model = model or build_regional_model()
@@ -868,7 +869,7 @@ def check_parity(local_pb=None, aug_pb=None, regional_pb=None, local_model=None,
         if feat is None:
             feat = rng.normal(0, 0.3, (n, 128)).astype(np.float32)
             mb = rng.uniform(-1, 1, n).astype(np.float32)
-        kxy = np.stack([(xy[:, 0] - w / 2) / (w / 2), (xy[:, 1] - h / 2) / (h / 2)], -1)
+        kxy = normalized_keypoints(xy, w, h)
         inputs = {"local_feat": feat.reshape(1, n, -1), "kpt_m": mb.reshape(1, n, 1),
                   "kpt_xy": kxy.reshape(1, n, 2).astype(np.float32)}
         if ag.has_tensor(AUGMENT_SPEC.inputs["regional_feat"]):

@@ -1,0 +1,162 @@
+"""The int8 local model at run time: ``local_int8.tflite`` of a model folder (made by ``cd-sfm models quantize``,
+:mod:`cd_sfm.modeltools.quantize`), its staleness check against ``local.npz`` and its TFLite runner.
+
+The graph is the folded inference form of ``local.build_local_model`` without its ``PatchStandardize`` layer: the
+runner standardises in numpy with the same formula (:func:`standardize`), so the integer ranges start from
+unit-variance inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..io import CdSfmError, hash_file
+
+logger = logging.getLogger(__name__)
+
+INT8_FILE = "local_int8.tflite"
+INT8_META = "local_int8.json"
+STANDARDIZE_EPS = 1e-5  # PatchStandardize's
+
+
+def file_sha256(path) -> str:
+    return hash_file(hashlib.sha256(), path).hexdigest()
+
+
+def standardize(patches: np.ndarray) -> np.ndarray:
+    """(N, 32, 32[, 1]) -> (N, 32, 32, 1) float32, (p - mean) / sqrt(var + eps) per patch, as ``PatchStandardize``."""
+    x = np.asarray(patches, np.float32).reshape(-1, 32, 32, 1)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    var = x.var(axis=(1, 2, 3), keepdims=True)
+    return (x - mean) / np.sqrt(var + STANDARDIZE_EPS)
+
+
+_STDERR_SWAP = threading.Lock()  # fd 2 is process-wide: one swap at a time, or a second one saves the first's file
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """Send what native code writes to stderr inside the block to the log instead: TFLite prints "INFO: Created
+    TensorFlow Lite XNNPACK delegate for CPU." there, past Python's logging (kept at debug; anything else a warning).
+    Blocks of several threads run one after the other (the block only builds an interpreter), so the real stderr is
+    always the one saved and restored."""
+    with _STDERR_SWAP:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (AttributeError, OSError, ValueError):
+            yield
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                for line in tmp.read().decode(errors="replace").splitlines():
+                    if line.strip():
+                        (logger.debug if "XNNPACK delegate" in line else logger.warning)("%s", line)
+
+
+def _interpreter_class():
+    """LiteRT's interpreter where installed (``ai-edge-litert``), else TensorFlow's ``tf.lite.Interpreter``."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # type: ignore
+
+        return Interpreter
+    except ImportError:
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.lite.Interpreter
+
+
+class Int8Local:
+    """Runs ``local_int8.tflite``: ``(patches) -> (conv6_feat (N, 128), kpt_mb (N,))`` float32, like the Keras model.
+
+    Patches go through in chunks of ``batch_size`` (the interpreter is resized to a chunk's size; full chunks keep one
+    allocation). ``threads``: 0 = the cores this process may use."""
+
+    def __init__(self, path, threads: int = 0, batch_size: int = 256):
+        import warnings
+
+        from .runner import available_cores
+
+        self.path = Path(path)
+        self.threads = int(threads)
+        try:
+            content = self.path.read_bytes()
+        except OSError as e:
+            raise CdSfmError(f"{self.path}: cannot read the int8 local model ({e.strerror or e})") from e
+        cls = _interpreter_class()
+        with warnings.catch_warnings(), _native_stderr_to_log():
+            warnings.simplefilter("ignore")
+            try:
+                self._it = cls(model_content=content, num_threads=int(threads) or available_cores())
+            except (ValueError, RuntimeError) as e:
+                raise CdSfmError(f"{self.path}: not a TFLite model ({str(e).splitlines()[0]})") from e
+            self._in = self._it.get_input_details()[0]["index"]
+            outs = self._it.get_output_details()
+            if len(outs) != 2:
+                raise CdSfmError(f"{self.path}: expected 2 outputs (descriptor, matchability), found {len(outs)}")
+            self._it.resize_tensor_input(self._in, (1, 32, 32, 1))
+            self._it.allocate_tensors()
+        # which output is which: the descriptor has 128 values per patch
+        by_size = {int(np.prod(o["shape"][1:])): o["index"] for o in self._it.get_output_details()}
+        if set(by_size) != {1, 128}:
+            raise CdSfmError(f"{self.path}: outputs are not (N, 128) and (N,)")
+        self._feat, self._mb = by_size[128], by_size[1]
+        self.batch_size = int(batch_size)
+        self._size = 1
+
+    def __call__(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = standardize(patches)
+        n = len(x)
+        feat = np.empty((n, 128), np.float32)
+        mb = np.empty((n,), np.float32)
+        for i in range(0, n, self.batch_size):
+            chunk = x[i : i + self.batch_size]
+            if len(chunk) != self._size:
+                self._it.resize_tensor_input(self._in, chunk.shape)
+                self._it.allocate_tensors()
+                self._size = len(chunk)
+            self._it.set_tensor(self._in, chunk)
+            self._it.invoke()
+            feat[i : i + len(chunk)] = self._it.get_tensor(self._feat).reshape(-1, 128)
+            mb[i : i + len(chunk)] = self._it.get_tensor(self._mb).reshape(-1)
+        return feat, mb
+
+
+def int8_path(folder, local_npz=None) -> Path | None:
+    """The folder's ``local_int8.tflite`` when it was made from its current ``local.npz``, else None (a stale file is
+    reported once in the log)."""
+    folder = Path(folder)
+    p = folder / INT8_FILE
+    if not p.is_file():
+        return None
+    local_npz = Path(local_npz) if local_npz else folder / "local.npz"
+    try:
+        meta = json.loads((folder / INT8_META).read_text())
+        ok = meta.get("local_sha256") == file_sha256(local_npz)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        logger.warning("%s: made from other local weights than %s (or %s is missing); ignored - rerun `cd-sfm models "
+                       "quantize`", p, local_npz.name, INT8_META)
+        return None
+    return p
