@@ -170,7 +170,7 @@ def import_model(name: str, local=None, augment=None, regional=None, source: str
                  tolerance: float = PARITY_TOLERANCE, check_parity: bool = False) -> ModelInfo:
     """Convert frozen graphs into a model folder ``$CD_SFM_HOME/models/<name>`` and keep the graphs in
     ``original/``. Nothing of the graphs is run: their ops are checked against the allow-list of
-    :mod:`cd_sfm.models.frozen` and the weights read from their constants. ``check_parity``: then run the parity
+    :mod:`cd_sfm.modeltools.frozen` and the weights read from their constants. ``check_parity``: then run the parity
     check (:func:`check`, the graphs against the converted model) and record it in ``info.json``; raises
     ``CdSfmError`` if it exceeds ``tolerance`` (the model folder is removed again)."""
     from . import frozen
