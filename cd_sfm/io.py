@@ -113,21 +113,32 @@ def find_pair(hfile: h5py.File, name0: str, name1: str) -> tuple[str, bool]:
     raise KeyError(f"pair ({name0}, {name1}) not found in {hfile.filename}")
 
 
-def parse_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Read a pair list: one ``name0 name1`` per line; blank lines and ``#`` comments are ignored."""
+def pair_lines(path: str | Path) -> list[tuple[int, str, str]]:
+    """The pairs of a pair list as (line number, name0, name1): one ``name0 name1`` per line (more columns, e.g. a
+    retrieval score, are ignored); blank lines and ``#`` comments are skipped. One line for a missing, unreadable or
+    malformed file."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CdSfmError(f"{path}: pair file not found")
-    pairs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CdSfmError(f"{path}: cannot read pair file ({e})") from e
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split()
         if len(parts) < 2:
             raise CdSfmError(f"{path}:{i}: expected two image names, got {line!r}")
-        pairs.append((parts[0], parts[1]))
-    return pairs
+        out.append((i, parts[0], parts[1]))
+    return out
+
+
+def parse_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Read a pair list: one ``name0 name1`` per line; blank lines and ``#`` comments are ignored."""
+    return [(a, b) for _, a, b in pair_lines(path)]
 
 
 def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from ..io import CdSfmError
+from ..io import CdSfmError, pair_lines
 from . import Pair, save, unique_pairs
 
 logger = logging.getLogger(__name__)
@@ -23,23 +23,7 @@ def _clean(name: str) -> str:
 def read(pairs_file: str | Path) -> list[tuple[int, str, str]]:
     """(line number, name0, name1) of every pair line; blank lines and ``#`` comments are skipped, extra columns
     (e.g. a retrieval score) ignored."""
-    path = Path(pairs_file)
-    if not path.is_file():
-        raise CdSfmError(f"{path}: pair file not found")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CdSfmError(f"{path}: cannot read pair file ({e})") from e
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) < 2:
-            raise CdSfmError(f"{path}:{i}: expected two image names, got {line!r}")
-        out.append((i, _clean(parts[0]), _clean(parts[1])))
-    return out
+    return [(i, _clean(a), _clean(b)) for i, a, b in pair_lines(pairs_file)]
 
 
 def main(
