@@ -8,7 +8,7 @@
 # Stages, in order (`all` runs them all):
 #   mine      SfM tracks of the 39 TRAIN scene folders (SIFT reconstructions at 1024 px, `--val-mode view`),
 #             warps of every TRAIN scene image and of the single photos
-#   local     the local model: fine-tuned from cd-sfm-v1 on 50 % SfM-track pairs, 35 % scene warps, 15 % singles'
+#   local     the local model: fine-tuned from cd-sfm-v1 (lr 5e-4) on 50 % SfM-track pairs, 35 % scene warps, 15 % singles'
 #             warps (LOCAL_STEPS, default 3000, LOCAL_BUDGET minutes, default 150)
 #   student   the compact local model (a quarter of the multiply-adds) distilled from NAME's local model on the same
 #             mix, exported as NAME-compact (STUDENT_STEPS, default 3000, STUDENT_BUDGET minutes, default 90)
@@ -37,7 +37,7 @@ if run mine; then
     [ -f "$W/tracks.h5" ] || cd-sfm train mine "${TRAIN[@]}" "$W/tracks.h5" --work-dir "$W/sfm" --val-mode view
 fi
 if run local; then
-    cd-sfm train local "$W/warps.h5" "$W/local" "${MIX[@]}" --init cd-sfm-v1 --loss triplet --batch 256 \
+    cd-sfm train local "$W/warps.h5" "$W/local" "${MIX[@]}" --init cd-sfm-v1 --lr 5e-4 --loss triplet --batch 256 \
         --steps "${LOCAL_STEPS:-3000}" --val-every 250 --ckpt-every 50 --time-budget "${LOCAL_BUDGET:-150}"
     cd-sfm train export "$W/local" "$NAME" --which final
 fi
