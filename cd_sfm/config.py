@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -122,14 +123,19 @@ class FeatureSettings:
     augment: bool = True
     model_digest: str | None = None
 
-    def preset(self) -> dict:
+    @functools.cached_property
+    def _preset(self) -> dict:
         from .features.extract import resolve_conf
 
-        return resolve_conf(self.features)
+        return resolve_conf(self.features)  # read once per settings object
+
+    def preset(self) -> dict:
+        """The feature preset ``features`` names (a copy)."""
+        return copy.deepcopy(self._preset)
 
     @property
     def backend(self) -> str:
-        return self.preset()["backend"]
+        return self._preset["backend"]
 
     @property
     def contextdesc(self) -> bool:
