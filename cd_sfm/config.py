@@ -63,6 +63,8 @@ from typing import Any
 
 import yaml
 
+from .colmap.database import CAMERA_MODES, DESCRIPTOR_UINT8_MODES as DESCRIPTOR_UINT8
+from .colmap.mapping import MAPPERS
 from .io import CdSfmError, atomic_write_text
 from .models import PRECISIONS  # ContextDesc inference (re-exported for the CLIs)
 
@@ -102,9 +104,6 @@ MATCHING_KEYS = FEATURE_KEYS + ("matching", "matching_options")
 
 PAIR_METHODS = ("auto", "exhaustive", "sequential", "retrieval")
 RETRIEVAL_KINDS = ("auto", "regional", "local")
-CAMERA_MODES = ("auto", "single", "per-folder", "per-image")
-DESCRIPTOR_UINT8 = ("auto", "sift", "shifted", "none")
-MAPPERS = ("incremental", "global", "hierarchical")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -74,11 +74,6 @@ def check_writable(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def uses_contextdesc(conf) -> bool:
-    """Whether the config's feature preset runs the ContextDesc backend (where ``model`` / ``augment`` matter)."""
-    return config_mod.resolve(conf).features.contextdesc
-
-
 def _comparable(conf: dict | None) -> dict | None:
     """The config as the staleness check compares it: ``model`` / ``augment`` only count for ContextDesc features,
     and an unset model is the one of ``features_options``, else the shipped default."""

@@ -42,6 +42,7 @@ from ..io import CdSfmError, check_feature_entry, check_matches_entry, find_pair
 logger = logging.getLogger(__name__)
 
 CAMERA_MODES = ("auto", "single", "per-folder", "per-image")
+DESCRIPTOR_UINT8_MODES = ("auto", "sift", "shifted", "none")  # see descriptors_to_uint8
 
 default_conf: dict[str, Any] = {
     "camera_mode": "auto",
@@ -85,7 +86,7 @@ def descriptors_to_uint8(desc: np.ndarray, mode: str = "auto") -> np.ndarray:
         d = l2_normalize(d - d.mean(axis=1, keepdims=True), axis=1)
         d = l2_normalize(np.maximum(d + 2.0 / np.sqrt(d.shape[1]), 0.0), axis=1)
     elif mode != "sift":
-        raise ValueError(f"unknown descriptor_uint8 mode {mode!r} (auto, sift, shifted, none)")
+        raise ValueError(f"unknown descriptor_uint8 mode {mode!r} ({', '.join(DESCRIPTOR_UINT8_MODES)})")
     return np.clip(np.round(512.0 * d), 0, 255).astype(np.uint8)
 
 
