@@ -2,13 +2,16 @@
 """The default pipeline (ContextDesc) against ``--features sift`` on the same folders, in one run (issue 13's goal:
 the default within 1.2x of ``--features sift``).
 
-    python scripts/bench_default_vs_sift.py [--scene DIR ...] [--repeat 1] [--json out.json] [-- extra flags]
+    python scripts/bench_default_vs_sift.py [--scene DIR ...] [--model NAME ...] [--repeat 1] [--json out.json]
+                                            [-- extra flags]
 
 Each scene is reconstructed by fresh ``cd-sfm reconstruct`` processes, the two settings alternating (default first,
 then sift, then again with ``--repeat``), each into a new folder, timed from process start to exit. Prints per scene:
 images registered, 3D points, mean track length, seconds per stage and in all, and the ratio default / sift of the
 median total times; then the ratio over all scenes (sum of medians). Default scenes: the README's EVAL scenes
-(strecha_entry-P10_half, middlebury_templeSparseRing, sceaux_castle) under ``../shared/data``.
+(strecha_entry-P10_half, middlebury_templeSparseRing, sceaux_castle) under ``../shared/data``. ``--model NAME``
+(repeatable) adds the default pipeline with that ContextDesc model as a setting of its own (e.g. the previous
+shipped model beside the new default), same folders, same run.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def run(images: Path, out: Path, flags: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scene", type=Path, action="append", help="image folder (repeatable)")
+    parser.add_argument("--model", action="append", default=[], help="also the default with this model (repeatable)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("extra", nargs="*", help="extra flags for both settings (after --)")
@@ -59,12 +63,13 @@ def main() -> int:
     flags = sorted({f for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
                     for f in ln.split()[2:] if f.startswith(("avx512_vnni", "avx512_bf16", "amx", "avx2"))})
     print(f"CPU: {cpu} ({', '.join(flags)})")
+    settings = {**SETTINGS, **{f"model:{m}": ["--model", m] for m in args.model}}
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_default_") as tmp:
         for scene in scenes:
-            rows = {k: [] for k in SETTINGS}
+            rows = {k: [] for k in settings}
             for i in range(args.repeat):
-                for k, f in SETTINGS.items():
+                for k, f in settings.items():
                     rows[k].append(run(scene, Path(tmp) / f"{scene.parent.name}_{k}{i}", f + args.extra))
                     r = rows[k][-1]
                     print(f"{scene.parent.name} {k:8s} run {i + 1}: {r['registered']}/{r['used']} images, "
@@ -74,10 +79,13 @@ def main() -> int:
             med = {k: statistics.median(r["seconds"] for r in v) for k, v in rows.items()}
             results[str(scene)] = {"runs": rows, "median_seconds": med, "ratio": med["default"] / med["sift"]}
             print(f"{scene.parent.name}: default / sift = {results[str(scene)]['ratio']:.2f}")
-    total = {k: sum(r["median_seconds"][k] for r in results.values()) for k in SETTINGS}
+    total = {k: sum(r["median_seconds"][k] for r in results.values()) for k in settings}
     ratio = total["default"] / total["sift"]
     print(f"all scenes: default {total['default']:.1f} s, sift {total['sift']:.1f} s, ratio {ratio:.2f} "
           f"(goal <= 1.2: {'met' if ratio <= 1.2 else 'not met'})")
+    for k in settings:
+        if k.startswith("model:"):
+            print(f"all scenes: {k} {total[k]:.1f} s, ratio to sift {total[k] / total['sift']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu, "flags": flags, "scenes": results, "ratio": ratio}, indent=2))
     return 0

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.registry import DEFAULT_MODEL
 from ..io import CdSfmError
+from ..models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
