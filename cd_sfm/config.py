@@ -63,7 +63,7 @@ from typing import Any
 
 import yaml
 
-from .colmap.database import CAMERA_MODES, DESCRIPTOR_UINT8_MODES as DESCRIPTOR_UINT8
+from .colmap.database import CAMERA_MODES, DESCRIPTOR_UINT8_MODES
 from .colmap.mapping import MAPPERS
 from .io import CdSfmError, atomic_write_text
 from .models import PRECISIONS  # ContextDesc inference (re-exported for the CLIs)
@@ -408,7 +408,7 @@ def _camera_model(v):
 
 
 def _descriptor_uint8(v):
-    return None if v in DESCRIPTOR_UINT8 or isinstance(v, bool) else f"expected one of {', '.join(DESCRIPTOR_UINT8)}"
+    return None if v in DESCRIPTOR_UINT8_MODES or isinstance(v, bool) else f"expected one of {', '.join(DESCRIPTOR_UINT8_MODES)}"
 
 
 def _ray(v):

@@ -32,10 +32,10 @@ from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
-from .geometry import l2_normalize
-from .progress import tqdm
 
+from .geometry import l2_normalize
 from .io import CdSfmError, H5Appender, completed_names, read_npz
+from .progress import tqdm
 
 logger = logging.getLogger(__name__)
 

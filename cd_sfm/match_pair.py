@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .models.registry import DEFAULT_MODEL
 from .config import PRECISIONS
+from .models.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,7 @@ import h5py
 import numpy as np
 
 from ..geometry import l2_normalize
-from ..io import CdSfmError, check_feature_entry, check_matches_entry, find_pair, list_h5_names, parse_pairs, \
-    writing
+from ..io import CdSfmError, check_feature_entry, check_matches_entry, find_pair, list_h5_names, parse_pairs, writing
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..models import registry
-from ..geometry import l2_normalize
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
+from ..geometry import l2_normalize
 from ..io import CdSfmError
+from ..models import registry
 
 logger = logging.getLogger(__name__)
 

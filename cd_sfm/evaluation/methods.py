@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..models.registry import DEFAULT_MODEL
 from ..geometry import normalized_keypoints
 from ..io import CdSfmError
+from ..models.registry import DEFAULT_MODEL
 from .hpatches import rootsift
 
 logger = logging.getLogger(__name__)

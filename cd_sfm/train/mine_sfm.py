@@ -53,8 +53,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ..geometry import l2_normalize
 from ..features.patches import extract_patches
+from ..geometry import l2_normalize
 from ..io import CdSfmError, require_h5_path
 from ..split import SPLIT_FILE, eval_dirs
 from .homography import IMAGE_EXTS, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment
@@ -238,9 +238,8 @@ def _read_features(features_path: Path, names) -> dict:
 def mine_scene(scene_dir: Path, work_dir: Path, conf: SfmMineConf, image_index: dict, is_val_img: dict,
                track_offset: int, rng: np.random.Generator):
     """Pairs of one reconstructed scene; returns (arrays dict, per-image keypoint sets, stats)."""
-    from ..images import list_images as list_scene_images
-
     from .. import config as config_mod
+    from ..images import list_images as list_scene_images
 
     pconf = config_mod.resolve(dict(conf.reconstruct))
     max_size = pconf.features.extraction_conf().get("max_image_size") or 100000

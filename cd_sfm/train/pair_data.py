@@ -33,10 +33,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from ..models.registry import DEFAULT_MODEL
-from ..geometry import normalized_keypoints
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
+from ..geometry import normalized_keypoints
 from ..io import CdSfmError, open_h5, require_h5_path
+from ..models.registry import DEFAULT_MODEL
 from ..split import SPLIT_FILE, train_dirs
 from .homography import (HomographyConf, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment,
                          random_homography, warp_keypoints)

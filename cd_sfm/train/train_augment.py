@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..models.registry import DEFAULT_MODEL
 from ..geometry import l2_normalize
 from ..io import CdSfmError, atomic_write_text, hash_file
+from ..models.registry import DEFAULT_MODEL
 from .pair_data import read_pairs
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
