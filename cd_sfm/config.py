@@ -408,7 +408,9 @@ def _camera_model(v):
 
 
 def _descriptor_uint8(v):
-    return None if v in DESCRIPTOR_UINT8_MODES or isinstance(v, bool) else f"expected one of {', '.join(DESCRIPTOR_UINT8_MODES)}"
+    if v in DESCRIPTOR_UINT8_MODES or isinstance(v, bool):
+        return None
+    return f"expected one of {', '.join(DESCRIPTOR_UINT8_MODES)}"
 
 
 def _ray(v):
