@@ -158,10 +158,8 @@ def prepare_conf(conf: Config | dict | str | None, check_pairs: bool = True) -> 
         from .models import registry
 
         entry = registry.resolve(conf.features.model_name())  # unknown name: one line listing the available models
-        by_name = {(d / entry.name).resolve() for d in (registry.models_dir(), registry.PACKAGE_WEIGHTS)}
         used = ("local", "augment", "regional") if conf.features.augment else ("local",)
-        conf = conf.replace(model=entry.name if entry.folder.resolve() in by_name else str(entry.folder.resolve()),
-                            model_digest=entry.digest(used))
+        conf = conf.replace(model=entry.reference, model_digest=entry.digest(used))
     sources = conf.pairs.sources if check_pairs else []
     for src in sources:
         if src not in PAIR_METHODS and not Path(src).is_file():

@@ -119,6 +119,13 @@ class ModelInfo:
         return h.hexdigest()[:16]
 
     @property
+    def reference(self) -> str:
+        """How a configuration names this model: its registry name when it lives in the cache or the package (so
+        that ``config.yaml`` records the name), else the absolute path of its folder."""
+        named = {(d / self.name).resolve() for d in (models_dir(), PACKAGE_WEIGHTS)}
+        return self.name if self.folder.resolve() in named else str(self.folder.resolve())
+
+    @property
     def trained_on(self) -> str:
         t = self.info.get("trained_on")
         if isinstance(t, (list, tuple)):
