@@ -82,6 +82,20 @@ class TrainConf:
     export_dir: str = ""  # default: cd_sfm/weights
 
 
+def split_indices(is_val: np.ndarray, max_train_pairs: int = 0, val_pairs: int = 4096,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The training and validation pairs a run uses of a mined file (``is_val`` marks the held-out ones): all
+    training pairs (or ``max_train_pairs`` of them) and ``val_pairs`` of the held-out ones, drawn with ``seed``."""
+    tr = np.flatnonzero(~is_val)
+    va = np.flatnonzero(is_val)
+    rng = np.random.default_rng(seed + 12345)
+    if max_train_pairs and len(tr) > max_train_pairs:
+        tr = np.sort(rng.choice(tr, max_train_pairs, replace=False))
+    if len(va) > val_pairs:
+        va = np.sort(rng.choice(va, val_pairs, replace=False))
+    return tr, va
+
+
 def _load_data(path: str, max_train_pairs: int = 0, val_pairs: int = 4096, seed: int = 0):
     path = Path(path)
     with open_h5(path, ("patches", "scales", "kpt_ids", "is_val"), "mined patch-pair file",
@@ -94,13 +108,7 @@ def _load_data(path: str, max_train_pairs: int = 0, val_pairs: int = 4096, seed:
         scales = f["scales"][()]
         ids = f["kpt_ids"][()]
         attrs = {k: f.attrs[k] for k in f.attrs}
-    tr = np.flatnonzero(~is_val)
-    va = np.flatnonzero(is_val)
-    rng = np.random.default_rng(seed + 12345)
-    if max_train_pairs and len(tr) > max_train_pairs:
-        tr = np.sort(rng.choice(tr, max_train_pairs, replace=False))
-    if len(va) > val_pairs:
-        va = np.sort(rng.choice(va, val_pairs, replace=False))
+    tr, va = split_indices(is_val, max_train_pairs, val_pairs, seed)
     if len(tr) == 0:
         raise CdSfmError(f"{path}: no training pairs")
     train = {"patches": patches[tr], "scales": scales[tr], "ids": ids[tr]}
