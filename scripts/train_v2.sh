@@ -51,7 +51,7 @@ if run augment; then
     for M in "$NAME" "$NAME-compact"; do
         [ -d "cd_sfm/weights/$M" ] || continue
         [ -f "$W/sfm_pairs_$M.h5" ] || cd-sfm train mine-sfm-pairs "$W/sfm_pairs_$M.h5" "$W"/sfm/* \
-            --val-from "$W/tracks.h5" --local "$M"
+            --val-from "$W/tracks.h5" --local "$M" --pairs-per-scene 12 --val-pairs-per-scene 3
         cd-sfm train augment "$W/sfm_pairs_$M.h5" "$W/augment_$M" --loss npair --lr 1e-3 \
             --steps "${AUGMENT_STEPS:-1200}" --val-every 100 --time-budget 30
         cd-sfm train export-augment "$W/augment_$M" "$M" --which best

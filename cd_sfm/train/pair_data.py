@@ -355,6 +355,9 @@ def sfm_scene_pairs(work_dir: Path, val_names: set, conf: SfmPairConf) -> list[d
     return out
 
 
+SIDE_CACHE = 32  # images whose keypoints, patches and descriptors mine_sfm_pairs keeps (a scene's worth)
+
+
 def _sfm_side(pair: dict, which: str, conf: SfmPairConf, cache: dict) -> dict:
     """Keypoints (the largest ``max_keypoints``), their patches and track ids of one image of an SfM pair."""
     from .homography import load_gray
@@ -376,9 +379,11 @@ def _sfm_side(pair: dict, which: str, conf: SfmPairConf, cache: dict) -> dict:
         s = np.array([w / size[0], h / size[1]], np.float32)
         xy = (kp[keep] + 0.5) * s - 0.5
         patches = extract_patches(gray, xy, sc[keep] * float(s.mean()), ang[keep], standardize=False)
-        cache.clear()  # one image at a time is enough: pairs of a scene come together
+        while len(cache) >= SIDE_CACHE:  # pairs of a scene come together: its images are what the cache holds
+            cache.pop(next(iter(cache)))
         cache[key] = {"keypoints": kp[keep], "scales": sc[keep], "angles": ang[keep], "size": size,
-                      "patches": np.clip(np.round(patches), 0, 255).astype(np.uint8), "keep": keep}
+                      "patches": np.clip(np.round(patches), 0, 255).astype(np.uint8), "keep": keep,
+                      "described": {}}  # the frozen model's descriptors, filled once per image by the caller
     side = dict(cache[key])
     side["track"] = pair["tracks"][iid][side["keep"]]
     return side
@@ -405,9 +410,11 @@ def mine_sfm_pairs(work_dirs, out_path, local_weights, val_names, conf: SfmPairC
             matches = np.stack([ia[ok], ib[ok]], -1).astype(np.int32)
             feats, mbs = [], []
             for sd in sides:
-                feat, mb = runner.local(sd["patches"].astype(np.float32))
-                feats.append(feat)
-                mbs.append(mb)
+                d = sd["described"]  # shared with the cache: each image goes through the network once
+                if not d:
+                    d["feat"], d["mb"] = runner.local(sd["patches"].astype(np.float32))
+                feats.append(d["feat"])
+                mbs.append(d["mb"])
             names.append(str(p["image_dir"] / p["rec"].images[p["a"]].name))
             wr.add({"images": sides, "matches": matches, "F": _sfm_pair_geometry(p["rec"], p["a"], p["b"])},
                    feats, mbs, len(names) - 1, p["is_val"])
