@@ -44,8 +44,8 @@ class LogBar(_tqdm):
         self._opened = True
 
     def display(self, msg=None, pos=None):
-        if not self._opened or self.disable or self.n == self._logged:
-            return True  # nothing at creation (0 %), nothing twice
+        if not self._opened or self.disable or self.n == self._logged or self.n == 0:
+            return True  # nothing at creation or after a reset (0 %), nothing twice
         self._logged = self.n
         d = self.format_dict
         fmt = LOG_FORMAT if d.get("total") else LOG_FORMAT_NO_TOTAL

@@ -67,6 +67,21 @@ def test_mapping_bar_counts_registered_images(sift_run, tmp_path, caplog):
     assert lines and lines[-1].startswith("mapping: 6/6 img (100 %)")
 
 
+def test_mapping_bar_restarts_for_a_new_model(caplog):
+    """COLMAP starts a new model (a discarded one, or the images a finished one left out) with a new initial pair:
+    the bar counts that model's images and never goes past the number of images."""
+    bar, on_pair, on_next = mapping._registration_bar(5, True)
+    with caplog.at_level(logging.INFO, logger="cd_sfm.progress"), bar:
+        on_pair(), on_next(), on_next()  # a model of 4, discarded
+        on_pair()
+        for _ in range(6):  # one callback more than there are images
+            on_next()
+        assert (bar.n, bar.total) == (5, 5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cd_sfm.progress"]
+    assert lines[-1].startswith("mapping, model 2: 5/5 img (100 %)")
+    assert not any(" 0/5 " in ln for ln in lines)
+
+
 def test_cli_log_to_a_file_has_no_progress_frames(sift_run, tmp_path):
     """``cd-sfm reconstruct ... 2> log``: every progress update is its own log line."""
     scene, _, _ = sift_run

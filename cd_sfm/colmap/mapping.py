@@ -116,18 +116,28 @@ def model_stats(rec) -> dict:
 
 
 def _registration_bar(total: int, progress: bool):
-    """A progress bar of registered images and the two incremental-mapping callbacks that advance it (the initial
-    pair registers two images, each next image one; a second model counts on, so the total grows if needed)."""
+    """A progress bar of the images registered in the model being built, and the two incremental-mapping callbacks
+    that advance it: the initial pair registers two images, each next image one. COLMAP starts a new model (after
+    one it discards as too small, or for the images left out of a finished one) with a new initial pair: the bar
+    then starts again at 2, labelled with the model's number, so it never counts past the images there are."""
     from ..progress import tqdm
 
-    bar = tqdm(total=max(int(total), 1), desc="mapping", unit="img", disable=not progress)
+    total = max(int(total), 1)
+    bar = tqdm(total=total, desc="mapping", unit="img", disable=not progress)
+    models = 0
 
-    def advance(k: int) -> None:
-        if bar.total is not None and bar.n + k > bar.total:
-            bar.total = bar.n + k
-        bar.update(k)
+    def on_pair() -> None:
+        nonlocal models
+        models += 1
+        if models > 1:
+            bar.set_description_str(f"mapping, model {models}", refresh=False)
+            bar.reset(total=total)
+        bar.update(min(2, total - bar.n))
 
-    return bar, (lambda: advance(2)), (lambda: advance(1))
+    def on_next() -> None:
+        bar.update(1 if bar.n < total else 0)
+
+    return bar, on_pair, on_next
 
 
 def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path, tmp: Path,
