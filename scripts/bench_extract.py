@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Extraction speed of ContextDesc (fp32 and bf16) against COLMAP's CPU SIFT, on the same images, in one run.
 
-    python scripts/bench_extract.py [--images DIR] [--num 10] [--max-image-size 1200] [--model cd-sfm-v1] [--xla]
+    python scripts/bench_extract.py [--images DIR] [--num 10] [--max-image-size 1200] [--model cd-sfm-v1 ...] [--xla]
 
 Prints, per precision: patches/s of the local network, images/s of the whole extraction (SIFT keypoints, patches,
 local network, augmentation; regional model if the model has one) one image at a time, seconds per image by stage,
 and seconds per image of the product's extract stage (``features.extract.main``: image files in, features.h5 out,
 several images at a time where the backend does that, as COLMAP runs one image per thread); then COLMAP SIFT
 (``pycolmap.extract_features``, CPU, its default options, as many threads as cores) seconds per image, and the ratio
-ContextDesc / COLMAP per image. Without ``--images`` it uses ``../shared/data/strecha_entry-P10_half`` when present,
+ContextDesc / COLMAP per image. ``--model`` repeated times several models (e.g. a full model and its compact
+student) in the same interleaved run. Without ``--images`` it uses ``../shared/data/strecha_entry-P10_half`` when present,
 else generated images. Without trained weights it times random weights of the same architecture (speed does not depend
 on the values). Images are resized to ``--max-image-size`` (1200 px: about 1 megapixel at 3:2) and written once to a
 temporary folder that both extractors read.
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", help="folder of images (default: ../shared strecha scene, else generated)")
     ap.add_argument("--num", type=int, default=10, help="images to time (default 10)")
     ap.add_argument("--max-image-size", type=int, default=1200, help="longest side (default 1200, ~1 MP)")
-    ap.add_argument("--model", default=None, help="ContextDesc model (default cd-sfm-v1, random weights if absent)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="ContextDesc model, repeatable (default: the default model, random weights if absent)")
     ap.add_argument("--max-keypoints", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=1024, help="patches per local-network call")
     ap.add_argument("--xla", action="store_true", help="compile the models with XLA")
@@ -206,21 +208,27 @@ def main(argv=None) -> int:
     images = load_images(args.images, args.num, args.max_image_size)
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        model = args.model or registry.DEFAULT_MODEL
-        try:
-            entry = registry.resolve(model)
-            model_label = f"{entry.name} ({'+'.join(entry.components)})"
-        except CdSfmError:
-            if args.model:
-                raise
-            model = random_model_folder(tmp, regional=args.regional)
-            model_label = "random weights (no trained model installed)" + (", with regional" if args.regional else "")
+        models = {}  # label -> model name or folder
+        for model in args.model or [registry.DEFAULT_MODEL]:
+            try:
+                entry = registry.resolve(model)
+                models[f"{entry.name} ({'+'.join(entry.components)}, {entry.info.get('local_arch', 'official')})"] = model
+            except CdSfmError:
+                if args.model:
+                    raise
+                models["random weights (no trained model installed)" + (", with regional" if args.regional else "")] = \
+                    random_model_folder(tmp, regional=args.regional)
+        model_label = "; ".join(models)
         results = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "cores": cores,
                    "bf16_hardware": bf16_support(), "model": model_label,
                    "image_size": list(images[0].shape[:2][::-1]), "num_images": len(images),
                    "load_average": os.getloadavg()[0], "contextdesc": {}}
         precs = [p.strip() for p in args.precisions.split(",") if p.strip()]
-        backends = {p: make_backend(model, p, args.xla, args.max_keypoints, args.batch_size, images[0]) for p in precs}
+        # one backend per model and precision, keyed "precision" (one model) or "name precision" (several)
+        backends = {(p if len(models) == 1 else f"{label.split(' ')[0]} {p}"):
+                    make_backend(model, p, args.xla, args.max_keypoints, args.batch_size, images[0])
+                    for label, model in models.items() for p in precs}
+        precs = list(backends)
         img_dir, names = prepare_colmap(images, tmp)
         runs: dict = {p: [] for p in precs}
         stage: dict = {p: [] for p in precs}
