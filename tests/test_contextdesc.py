@@ -173,6 +173,12 @@ def test_import_list_check(home, official_graphs, capsys, image):
     assert models_cli.cmd_list(argparse.Namespace()) == 0
     out = capsys.readouterr().out
     assert "mine" in out and "GL3D (test)" in out and "contextdesc++" in out
+    from cd_sfm.models.registry import DEFAULT_MODEL
+
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
+    assert "(default)" in rows[DEFAULT_MODEL] and "(default)" not in rows["mine"]
+    if "cd-sfm-v2-compact" in rows:  # the shipped student says its layout
+        assert "local (compact)" in rows["cd-sfm-v2-compact"] and "compact" not in rows[DEFAULT_MODEL]
     # the wired CLI: `cd-sfm models check NAME`
     from cd_sfm.cli import main
 

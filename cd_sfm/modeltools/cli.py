@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models.registry import ENV_HOME, OFFICIAL, home, list_models
+from ..models.registry import DEFAULT_MODEL, ENV_HOME, OFFICIAL, home, list_models
 from .manage import PARITY_TOLERANCE, _parity_failures, check, download, import_model
 
 
@@ -63,11 +63,13 @@ def cmd_list(args=None) -> int:
     for m in list_models():
         present.add(m.name)
         comps = "+".join(m.components) or "(no weights yet)"
+        if m.info.get("local_arch") == "compact":  # the student layout (a quarter of the multiply-adds)
+            comps = comps.replace("local", "local (compact)", 1)
         from ..models.int8 import INT8_FILE, int8_path
 
         if m.components and (m.folder / INT8_FILE).is_file():
             comps += " (int8)" if int8_path(m.folder) else " (int8 stale)"
-        rows.append((m.name, m.source, comps, m.trained_on))
+        rows.append((m.name, m.source + (" (default)" if m.name == DEFAULT_MODEL else ""), comps, m.trained_on))
     for off in OFFICIAL.values():
         if off.name not in present:
             rows.append((off.name, "official (not downloaded)", "+".join(off.components), off.trained_on))
