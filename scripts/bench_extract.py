@@ -208,26 +208,28 @@ def main(argv=None) -> int:
     images = load_images(args.images, args.num, args.max_image_size)
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        models = {}  # label -> model name or folder
+        models = []  # (name, label, model name or folder)
         for model in args.model or [registry.DEFAULT_MODEL]:
             try:
                 entry = registry.resolve(model)
-                models[f"{entry.name} ({'+'.join(entry.components)}, {entry.info.get('local_arch', 'official')})"] = model
+                arch = entry.info.get("local_arch", "official")
+                models.append((entry.name, f"{entry.name} ({'+'.join(entry.components)}, {arch})", model))
             except CdSfmError:
                 if args.model:
                     raise
-                models["random weights (no trained model installed)" + (", with regional" if args.regional else "")] = \
-                    random_model_folder(tmp, regional=args.regional)
-        model_label = "; ".join(models)
+                models.append(("random", "random weights (no trained model installed)"
+                               + (", with regional" if args.regional else ""),
+                               random_model_folder(tmp, regional=args.regional)))
+        model_label = "; ".join(label for _, label, _ in models)
         results = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "cores": cores,
                    "bf16_hardware": bf16_support(), "model": model_label,
                    "image_size": list(images[0].shape[:2][::-1]), "num_images": len(images),
                    "load_average": os.getloadavg()[0], "contextdesc": {}}
         precs = [p.strip() for p in args.precisions.split(",") if p.strip()]
         # one backend per model and precision, keyed "precision" (one model) or "name precision" (several)
-        backends = {(p if len(models) == 1 else f"{label.split(' ')[0]} {p}"):
+        backends = {(p if len(models) == 1 else f"{name} {p}"):
                     make_backend(model, p, args.xla, args.max_keypoints, args.batch_size, images[0])
-                    for label, model in models.items() for p in precs}
+                    for name, _, model in models for p in precs}
         precs = list(backends)
         img_dir, names = prepare_colmap(images, tmp)
         runs: dict = {p: [] for p in precs}
