@@ -65,7 +65,7 @@ def test_compact_student_distils_exports_and_runs(mined, tmp_path):
     from cd_sfm.models import local, registry
     from cd_sfm.modeltools.quantize import quantize_folder
 
-    teacher = registry.resolve(registry.DEFAULT_MODEL).path("local")
+    teacher = registry.resolve(registry.FULL_MODEL).path("local")
     out = tmp_path / "weights"
     r = tl.train_local(_conf(mined, tmp_path / "stud", 2, arch="compact", teacher=str(teacher),
                              export="student", export_dir=str(out)))
@@ -89,7 +89,7 @@ def test_fine_tune_starts_from_given_weights(mined, tmp_path):
     """--init: a new run starts from the given weights (step 0 = them), and a resumed run keeps its own."""
     from cd_sfm.models import registry
 
-    shipped = registry.resolve(registry.DEFAULT_MODEL).path("local")
+    shipped = registry.resolve(registry.FULL_MODEL).path("local")
     run = tmp_path / "ft"
     tl.train_local(_conf(mined, run, 1, init=str(shipped), lr=1e-9, export="ft", export_dir=str(tmp_path / "w")))
     x = np.random.default_rng(2).uniform(0, 255, (8, 32, 32, 1)).astype(np.float32)

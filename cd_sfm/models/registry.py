@@ -27,7 +27,8 @@ from ..io import CdSfmError, hash_file, read_npz
 logger = logging.getLogger(__name__)
 
 ENV_HOME = "CD_SFM_HOME"
-DEFAULT_MODEL = "cd-sfm-v1"
+DEFAULT_MODEL = "cd-sfm-v2-compact"  # what extraction uses unless told: the compact student (README "Speed")
+FULL_MODEL = "cd-sfm-v1"  # the shipped model with the official local layout: the training tools' default base
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 COMPONENTS = ("local", "augment", "regional")
 WEIGHT_FILES = {"local": "local.npz", "augment": "augment.npz", "regional": "regional.npz"}

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..features.patches import SiftDetectorConf, detect_sift, extract_patches
 from ..geometry import normalized_keypoints
 from ..io import CdSfmError, open_h5, require_h5_path
-from ..models.registry import DEFAULT_MODEL
+from ..models.registry import FULL_MODEL
 from ..split import SPLIT_FILE, train_dirs
 from .homography import (HomographyConf, PhotometricConf, _seed_for, list_images, load_gray, photometric_augment,
                          random_homography, warp_keypoints)
@@ -217,7 +217,7 @@ def load_local_runner(weights: str | Path, batch_size: int = 1024):
     return ContextDescRunner({"local": model}, {"local": builder_for(model)}, batch_size=batch_size)
 
 
-def mine_pairs(images, out_path, local_weights=DEFAULT_MODEL, conf: PairMineConf = PairMineConf(), names=None) -> dict:
+def mine_pairs(images, out_path, local_weights=FULL_MODEL, conf: PairMineConf = PairMineConf(), names=None) -> dict:
     """Build pairs from ``images`` (every ``val_every``-th image held out) into ``out_path`` (h5, written to a
     ``.part`` file and renamed when complete). Each image is seeded from (seed, file name): reproducible."""
     images = [Path(p) for p in images]
@@ -437,7 +437,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("output", help="output .h5")
     p.add_argument("--images", nargs="*", default=None,
                    help="image folders/files (default: the TRAIN scenes of configs/split.yaml)")
-    p.add_argument("--local", default=DEFAULT_MODEL, help="frozen local model: registry name, folder or .npz")
+    p.add_argument("--local", default=FULL_MODEL, help="frozen local model: registry name, folder or .npz")
     p.add_argument("--warps-per-image", type=int, default=PairMineConf.warps_per_image)
     p.add_argument("--val-warps-per-image", type=int, default=PairMineConf.val_warps_per_image)
     p.add_argument("--max-size", type=int, default=PairMineConf.max_size)
@@ -478,7 +478,7 @@ def build_sfm_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--val-from", required=True,
                    help="an .h5 of 'cd-sfm train mine' (its held-out images make the validation pairs) or a text "
                         "file of held-out image paths, one per line")
-    p.add_argument("--local", default=DEFAULT_MODEL, help="frozen local model: registry name, folder or .npz")
+    p.add_argument("--local", default=FULL_MODEL, help="frozen local model: registry name, folder or .npz")
     d = SfmPairConf()
     p.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
     p.add_argument("--min-common", type=int, default=d.min_common, help="co-visible 3D points of a pair")

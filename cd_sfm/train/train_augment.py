@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from ..geometry import l2_normalize
 from ..io import CdSfmError, atomic_write_text, hash_file
-from ..models.registry import DEFAULT_MODEL
+from ..models.registry import FULL_MODEL
 from .pair_data import read_pairs
 from .runlog import append_log, read_log, warmup_cosine, write_log
 
@@ -428,7 +428,7 @@ def train_augment(conf: AugTrainConf) -> dict:
         val = [val[i] for i in np.unique(np.linspace(0, len(val) - 1, conf.val_pairs).round().astype(int))]
     if not train:
         raise CdSfmError(f"{conf.data}: no training pairs with correspondences")
-    local_name = conf.local or str(attrs.get("local_model", DEFAULT_MODEL))
+    local_name = conf.local or str(attrs.get("local_model", FULL_MODEL))
     local_path = _local_weights_path(local_name)
     logger.info("data: %d training pairs, %d validation pairs; local model %s", len(train), len(val), local_path)
     trainer = AugTrainer(conf, str(local_path) if e2e else None)
