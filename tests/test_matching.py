@@ -307,6 +307,22 @@ def test_match_options_from_conf(fused):
     np.testing.assert_array_equal(m, match_descriptors_reference(d0, d1, cross_ratio=True)[0])
 
 
+def test_presets_screen_by_default_accurate_is_exact():
+    """The pipeline's default matching screens large pairs ("auto"); the accurate preset matches exactly, and so does
+    a user's ``matching_options: {screen: 0}``."""
+    from cd_sfm import config
+
+    def opts(preset, **over):
+        conf = config.resolve({**config.load_config(preset), **over})
+        return matching.match_options(matching.resolve_conf({**matching.confs[conf["matching"]],
+                                                             **conf["matching_options"]}))
+
+    assert opts("default")["screen"] == "auto" and opts("default")["cross_ratio"]
+    assert opts("fast")["screen"] == "auto"
+    assert opts("accurate")["screen"] == 0 and opts("accurate")["cross_ratio"]
+    assert opts("default", matching_options={"screen": 0})["screen"] == 0
+
+
 @pytest.mark.shared
 @pytest.mark.skipif(not (SHARED / "strecha_entry-P10_half").is_dir(), reason="needs ../shared/data/strecha_entry-P10_half")
 @pytest.mark.parametrize("preset", ["rootsift", pytest.param("contextdesc", marks=pytest.mark.slow)])

@@ -75,7 +75,8 @@ def test_resume_view_mode_and_rotation(mined):
         assert np.median(pos) > 0.5  # a shared rotation keeps both views aligned
 
 
-def test_eval_scenes_refused(tmp_path):
+def test_eval_scenes_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("CD_SFM_DATA", raising=False)  # the split file's data_root decides, as the test means
     split = tmp_path / "repo" / "configs" / "split.yaml"
     split.parent.mkdir(parents=True)
     split.write_text("data_root: ../../data\neval:\n  - hpatches\n")  # relative to the file's folder
