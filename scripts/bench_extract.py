@@ -8,7 +8,8 @@ local network, augmentation; regional model if the model has one) one image at a
 and seconds per image of the product's extract stage (``features.extract.main``: image files in, features.h5 out,
 several images at a time where the backend does that, as COLMAP runs one image per thread); then COLMAP SIFT
 (``pycolmap.extract_features``, CPU, its default options, as many threads as cores) seconds per image, and the ratio
-ContextDesc / COLMAP per image. ``--model`` repeated times several models (e.g. a full model and its compact
+ContextDesc / COLMAP per image. ``--precisions int8:tflite,int8:openvino`` times both engines of the int8 local
+model (``cd_sfm.models.int8``) side by side. ``--model`` repeated times several models (e.g. a full model and its compact
 student) in the same interleaved run. Without ``--images`` it uses ``../shared/data/strecha_entry-P10_half`` when present,
 else generated images. Without trained weights it times random weights of the same architecture (speed does not depend
 on the values). Images are resized to ``--max-image-size`` (1200 px: about 1 megapixel at 3:2) and written once to a
@@ -89,10 +90,13 @@ def random_model_folder(tmp: Path, regional: bool = False) -> str:
 
 
 def make_backend(model: str, precision: str, xla: bool, max_keypoints: int, batch_size: int, image):
+    """``precision``: fp32 | bf16 | int8 | auto, or int8:ENGINE (int8 on that engine: tflite | openvino)."""
     from cd_sfm.features.contextdesc import ContextDescBackend
 
+    precision, _, engine = precision.partition(":")
     b = ContextDescBackend(model=model, precision=precision, xla=xla, max_keypoints=max_keypoints,
                            batch_size=batch_size)
+    b.runner.int8_engine = engine or None
     b.extract(image)  # warm-up: traces (and with XLA compiles) once
     return b
 
@@ -185,7 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1024, help="patches per local-network call")
     ap.add_argument("--xla", action="store_true", help="compile the models with XLA")
     ap.add_argument("--precisions", default="fp32,bf16,int8",
-                    help="comma-separated, of fp32, bf16, int8 (int8 needs `cd-sfm models quantize`)")
+                    help="comma-separated, of fp32, bf16, int8 (int8 needs `cd-sfm models quantize`), "
+                         "int8:tflite, int8:openvino (int8 on that engine; plain int8: OpenVINO where installed)")
     ap.add_argument("--regional", action="store_true",
                     help="with random weights: include the regional ResNet50 and visual context in the timing")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats, best kept (default 2)")

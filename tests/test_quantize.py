@@ -105,11 +105,42 @@ def test_int8_without_file_is_a_clear_error(tmp_path):
     assert ContextDescBackend(model=str(d), precision="auto").runner.precision in ("fp32", "bf16")
 
 
-def test_bad_int8_file(tmp_path):
+@pytest.mark.parametrize("engine", ["tflite", "openvino"])
+def test_bad_int8_file(tmp_path, engine):
+    if engine == "openvino":
+        pytest.importorskip("openvino")
     p = tmp_path / "x.tflite"
     p.write_bytes(b"not a flatbuffer")
     with pytest.raises(CdSfmError, match="x.tflite"):
-        i8.Int8Local(p)
+        i8.Int8Local(p, engine=engine)
+
+
+def test_openvino_and_tflite_give_the_same_outputs(folder):
+    """The default engine where OpenVINO is installed runs the very TFLite file: same descriptors and matchability,
+    in chunks of any size (a dynamic batch), empty input included."""
+    pytest.importorskip("openvino")
+    patches = _image_patches(300, seed=10)
+    ov = i8.Int8Local(folder / i8.INT8_FILE, batch_size=128, engine="openvino")
+    tfl = i8.Int8Local(folder / i8.INT8_FILE, batch_size=128, engine="tflite")
+    assert ov.engine == "openvino" and tfl.engine == "tflite"
+    (f1, m1), (f2, m2) = ov(patches), tfl(patches)
+    cos = np.sum(f1 * f2, 1) / np.linalg.norm(f1, axis=1) / np.linalg.norm(f2, axis=1)
+    assert f1.shape == (300, 128) and m1.shape == (300,) and cos.min() > 0.999 and np.abs(m1 - m2).max() < 0.05
+    one, _ = ov(patches[:1])
+    assert np.allclose(one, f1[:1], atol=1e-5)
+    assert ov(patches[:0])[0].shape == (0, 128)
+
+
+def test_int8_engine_choice(monkeypatch):
+    monkeypatch.setenv(i8.ENV_ENGINE, "tflite")
+    assert i8.int8_engine() == "tflite"
+    monkeypatch.setenv(i8.ENV_ENGINE, "onnx")
+    with pytest.raises(CdSfmError, match="CD_SFM_INT8_ENGINE"):
+        i8.int8_engine()
+    monkeypatch.delenv(i8.ENV_ENGINE)
+    import importlib.util
+
+    assert i8.int8_engine() == ("openvino" if importlib.util.find_spec("openvino") else "tflite")
 
 
 def test_models_quantize_cli(tmp_path, monkeypatch, capsys):
@@ -140,7 +171,7 @@ def test_shipped_int8_is_up_to_date():
 
 
 def test_tflite_banner_goes_to_the_log_not_stderr(folder, capfd):
-    r = i8.Int8Local(folder / i8.INT8_FILE)
+    r = i8.Int8Local(folder / i8.INT8_FILE, engine="tflite")
     r(_image_patches(10))
     assert "XNNPACK" not in capfd.readouterr().err
 

@@ -11,7 +11,8 @@ bf16: a second copy of each model built under Keras' ``mixed_bfloat16`` policy (
 stay float32). It is used only when the CPU has AMX or AVX512-BF16 (read from ``/proc/cpuinfo`` at run time); oneDNN
 then runs the convolutions in bf16. Elsewhere the request falls back to fp32 with a warning.
 
-int8: the local model runs as its quantised TFLite form (``quantize.py``, ``local_int8.tflite`` of the model folder);
+int8: the local model runs as its quantised TFLite form (``quantize.py``, ``local_int8.tflite`` of the model folder; run
+by OpenVINO where installed, else TFLite: ``int8.py``);
 augmentation and regional models run in bf16 where the CPU has it, else fp32. ``auto`` picks int8 when the model has
 an up-to-date int8 file (except on CPUs where int8 was not measured faster - AMX, where oneDNN runs bf16 on the
 matrix units, or no AVX512-VNNI: there it times int8 and the float form once with ``probe_local_speed`` and keeps the
@@ -70,7 +71,9 @@ def resolve_precision(precision: str, int8_available: bool = False) -> str:
         if not int8_available:
             raise CdSfmError("precision int8: this model has no int8 local model (make one with `cd-sfm models "
                              "quantize NAME`)")
-        logger.info("int8 local model (TFLite)")
+        from .int8 import int8_engine
+
+        logger.info("int8 local model (%s)", {"openvino": "OpenVINO", "tflite": "TFLite"}[int8_engine()])
         return "int8"
     hw = bf16_support()
     if hw is None:
@@ -215,10 +218,11 @@ class ContextDescRunner:
             self.precision = self.probe["choice"]
             logger.info("precision auto: local network int8 %.0f patches/s, %s %.0f patches/s -> %s",
                         self.probe["int8"], float_precision, self.probe[float_precision], self.precision)
-        # int8: one TFLite interpreter per calling thread (they are not thread-safe), ``int8_threads`` threads each
+        # int8: one interpreter per calling thread and engine (they are not thread-safe), ``int8_threads`` threads each
         self._int8_path = int8_path if self.precision == "int8" else None
         self._int8_tls = threading.local()
         self.int8_threads = int(threads or 0)
+        self.int8_engine = None  # None: int8.int8_engine()'s choice (OpenVINO where installed); "tflite" / "openvino"
         if self._int8_path is not None:
             self._int8_net()  # a bad file fails here, not in a worker thread
         self.xla = bool(xla)
@@ -283,9 +287,10 @@ class ContextDescRunner:
         nets = getattr(self._int8_tls, "nets", None)
         if nets is None:
             nets = self._int8_tls.nets = {}
-        if threads not in nets:
-            nets[threads] = Int8Local(self._int8_path, threads=threads)
-        return nets[threads]
+        key = (threads, self.int8_engine)
+        if key not in nets:
+            nets[key] = Int8Local(self._int8_path, threads=threads, engine=self.int8_engine)
+        return nets[key]
 
     def _chunk_sizes(self, n: int) -> list[tuple[int, int]]:
         """(real, padded) sizes of the local-model calls for n patches."""
