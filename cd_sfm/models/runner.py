@@ -15,8 +15,8 @@ int8: the local model runs as its quantised TFLite form (``quantize.py``, ``loca
 by OpenVINO where installed, else TFLite: ``int8.py``);
 augmentation and regional models run in bf16 where the CPU has it, else fp32. ``auto`` picks int8 when the model has
 an up-to-date int8 file (except on CPUs where int8 was not measured faster - AMX, where oneDNN runs bf16 on the
-matrix units, or no AVX512-VNNI: there it times int8 and the float form once with ``probe_local_speed`` and keeps the
-faster), else bf16 when the CPU computes it natively, else fp32.
+matrix units, or no AVX512-VNNI with TFLite as the engine: there it times int8 and the float form once with
+``probe_local_speed`` and keeps the faster), else bf16 when the CPU computes it natively, else fp32.
 """
 
 from __future__ import annotations
@@ -139,10 +139,16 @@ def inference_twin(model, builder, policy: str | None, fold_bn: bool):
 
 
 def int8_measured_faster() -> bool:
-    """Whether this CPU is of the kind where the int8 TFLite local network was measured faster than the float one
-    (AVX512-VNNI without AMX: 1.6x bf16, 3x fp32 on Zen 4). Elsewhere ``auto`` times both (``probe_local_speed``)."""
+    """Whether this CPU is of the kind where the int8 local network was measured faster than the float one: AVX512-VNNI
+    without AMX (TFLite: 1.6x bf16, 3x fp32 on Zen 4), or AVX2 without AMX when OpenVINO runs it (1.55x fp32 on an
+    AVX2-only Zen 3, where TFLite's int8 was no faster than fp32). Elsewhere (AMX, where oneDNN runs bf16 on the
+    matrix units; TFLite without VNNI) ``auto`` times both once (``probe_local_speed``)."""
+    from .int8 import int8_engine
+
     flags = cpu_flags()
-    return "avx512_vnni" in flags and "amx_bf16" not in flags
+    if "amx_bf16" in flags:
+        return False
+    return "avx512_vnni" in flags or "avx2" in flags and int8_engine() == "openvino"
 
 
 def probe_local_speed(int8_path, local_model, builder, float_precision: str = "bf16", threads: int | None = None,
