@@ -348,8 +348,9 @@ def match_descriptors(
     One pass over the similarity matrix, in cache-sized tiles, keeps the top values of every row and every column at
     once (numba kernels, ``threads`` threads over row bands; default: the usable cores), so the cross ratio costs no
     second product. ``screen`` (off in this function; the pipeline's default matching options turn it on): with
-    "auto" and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on each side, that pass runs on the descriptors projected onto the pair's mean direction and principal axes
-    (:func:`screen_basis`; 48-56 of 128 for ContextDesc), keeping ``screen_k`` candidates per row and column, whose
+    "auto" and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on each side, that pass runs on the descriptors
+    projected onto the pair's mean direction and principal axes (:func:`screen_basis`; 48-56 of 128 for ContextDesc,
+    32 for RootSIFT), keeping ``screen_k`` candidates per row and column, whose
     exact similarities then decide: the same matches but for a rare candidate the projection ranked too low (on 24
     pairs of four real scenes at 8k keypoints: every exact match found, 0.02 % extra ones whose true second
     neighbour the screen missed). It pays where the similarity product is the bottleneck: 1.7-1.9x the exact pass
