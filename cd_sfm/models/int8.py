@@ -111,6 +111,16 @@ def int8_engine(engine: str | None = None) -> str:
     return "openvino"
 
 
+def _descriptor_and_matchability(path, sizes: list[int]) -> tuple[int, int]:
+    """Positions of the descriptor (128 values per patch) and the matchability (1) among a model's outputs, given
+    each output's values per patch; a clear error for any other layout."""
+    if len(sizes) != 2:
+        raise CdSfmError(f"{path}: expected 2 outputs (descriptor, matchability), found {len(sizes)}")
+    if sorted(sizes) != [1, 128]:
+        raise CdSfmError(f"{path}: outputs are not (N, 128) and (N,)")
+    return sizes.index(128), sizes.index(1)
+
+
 _OV_CORE = None
 _OV_LOCK = threading.Lock()
 
@@ -139,12 +149,9 @@ class _OpenVinoNet:
         except RuntimeError as e:
             raise CdSfmError(f"{path}: not a TFLite model OpenVINO can run ({str(e).strip().splitlines()[0]})") from e
         outs = self._compiled.outputs
-        if len(outs) != 2:
-            raise CdSfmError(f"{path}: expected 2 outputs (descriptor, matchability), found {len(outs)}")
-        sizes = [int(np.prod([d.get_length() for d in o.get_partial_shape()[1:]])) for o in outs]
-        if sorted(sizes) != [1, 128]:
-            raise CdSfmError(f"{path}: outputs are not (N, 128) and (N,)")
-        self._feat, self._mb = (outs[0], outs[1]) if sizes[0] == 128 else (outs[1], outs[0])
+        f, m = _descriptor_and_matchability(
+            path, [int(np.prod([d.get_length() for d in o.get_partial_shape()[1:]])) for o in outs])
+        self._feat, self._mb = outs[f], outs[m]
         self._req = self._compiled.create_infer_request()
 
     def __call__(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,16 +190,11 @@ class Int8Local:
             except (ValueError, RuntimeError) as e:
                 raise CdSfmError(f"{self.path}: not a TFLite model ({str(e).splitlines()[0]})") from e
             self._in = self._it.get_input_details()[0]["index"]
-            outs = self._it.get_output_details()
-            if len(outs) != 2:
-                raise CdSfmError(f"{self.path}: expected 2 outputs (descriptor, matchability), found {len(outs)}")
             self._it.resize_tensor_input(self._in, (1, 32, 32, 1))
             self._it.allocate_tensors()
-        # which output is which: the descriptor has 128 values per patch
-        by_size = {int(np.prod(o["shape"][1:])): o["index"] for o in self._it.get_output_details()}
-        if set(by_size) != {1, 128}:
-            raise CdSfmError(f"{self.path}: outputs are not (N, 128) and (N,)")
-        self._feat, self._mb = by_size[128], by_size[1]
+        outs = self._it.get_output_details()
+        f, m = _descriptor_and_matchability(self.path, [int(np.prod(o["shape"][1:])) for o in outs])
+        self._feat, self._mb = outs[f]["index"], outs[m]["index"]
         self._size = 1
 
     def __call__(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
