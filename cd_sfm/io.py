@@ -208,6 +208,10 @@ def read_npz(path: str | Path, kind: str = "weights file") -> dict[str, np.ndarr
 
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):  # numpy would call it pickled
+            raise CdSfmError(f"{path}: not a readable {kind} (not an .npz archive)")
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
                 raise ValueError("a single .npy array, not an .npz archive")

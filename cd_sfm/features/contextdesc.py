@@ -38,6 +38,15 @@ def _say_once(key, msg, *args):
         logger.info(msg, *args)
 
 
+def _warn_no_augment(entry, model: str) -> None:
+    from ..models import registry
+
+    if ("noaug", model) not in _SAID:
+        _SAID.add(("noaug", model))
+        logger.warning("%s: model %r has no augmentation weights (%s): storing the raw local descriptors",
+                       entry.folder, model, registry.WEIGHT_FILES["augment"])
+
+
 @register("contextdesc")
 class ContextDescBackend:
     @dataclass
@@ -78,7 +87,11 @@ class ContextDescBackend:
         self.conf = conf
         from ..models.runner import ContextDescRunner
 
-        if models is None:
+        lite = self._lite(conf) if models is None else None
+        self.runner = None
+        if lite is not None:
+            self.runner, self.info = lite
+        elif models is None:
             models, info = self._load(conf)
         else:
             models = dict(models)
@@ -92,12 +105,13 @@ class ContextDescBackend:
 
                 if "regional_feat" in {i.name for i in models["augment"].inputs}:
                     models["augment"] = geometric_only(models["augment"])
-        self.info = info
-        builders = self._builders(models, info)
-        self.runner = ContextDescRunner(models, builders, precision=conf.precision, xla=conf.xla,
-                                        batch_size=conf.batch_size, bucket=max(conf.max_keypoints, 0) or 4096,
-                                        threads=conf.threads or None, fold_bn=conf.fold_bn,
-                                        int8_path=info.get("int8_path"))
+        if self.runner is None:
+            self.info = info
+            builders = self._builders(models, info)
+            self.runner = ContextDescRunner(models, builders, precision=conf.precision, xla=conf.xla,
+                                            batch_size=conf.batch_size, bucket=max(conf.max_keypoints, 0) or 4096,
+                                            threads=conf.threads or None, fold_bn=conf.fold_bn,
+                                            int8_path=info.get("int8_path"))
         if conf.augment and self.runner.has_augment and not self.runner.has_regional:
             _say_once(("geo", conf.model), "%s: no regional model: augmentation with geometric context only",
                       conf.model)
@@ -115,16 +129,44 @@ class ContextDescBackend:
 
     # ---- model loading
     @staticmethod
+    def _lite(conf):
+        """``(LiteRunner, info)`` (no TensorFlow) where that runner computes what the Keras models would: the int8
+        local network without a timing probe (``runner.lite_runner_applies``), no XLA, and no regional network in use
+        (the model has no regional weights, its augmentation no visual branch, or ``regional`` is off); else None."""
+        from ..io import read_npz
+        from ..models import registry
+        from ..models.augment_numpy import GeometricAugment, has_visual_weights
+        from ..models.int8 import int8_path
+        from ..models.runner import LiteRunner, lite_runner_applies
+
+        if conf.xla or conf.precision not in ("int8", "auto"):
+            return None
+        entry = registry.resolve(conf.model)
+        i8 = int8_path(entry.folder)
+        if not lite_runner_applies(conf.precision, i8 is not None):
+            return None
+        augment = None
+        aug_path = entry.path("augment") if conf.augment else None
+        if conf.augment and aug_path is None:
+            _warn_no_augment(entry, conf.model)
+        elif aug_path is not None:
+            arrays = read_npz(aug_path)
+            if has_visual_weights(arrays) and conf.regional and entry.path("regional") is not None:
+                return None  # the regional network runs in TensorFlow
+            augment = GeometricAugment(arrays, aug_path)
+        info = dict(entry.info)
+        info.setdefault("name", entry.name)
+        info["int8_path"] = i8
+        return LiteRunner(i8, augment, threads=conf.threads or None), info
+
+    @staticmethod
     def _load(conf):
         from ..models import registry
 
         entry = registry.resolve(conf.model)
         comps = ["local"]
         if conf.augment and entry.path("augment") is None:
-            if ("noaug", conf.model) not in _SAID:
-                _SAID.add(("noaug", conf.model))
-                logger.warning("%s: model %r has no augmentation weights (%s): storing the raw local descriptors",
-                               entry.folder, conf.model, registry.WEIGHT_FILES["augment"])
+            _warn_no_augment(entry, conf.model)
         elif conf.augment:
             comps.append("augment")
             if conf.regional and entry.path("regional") is not None:

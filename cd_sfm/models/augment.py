@@ -21,8 +21,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-BN_EPS = 1e-5
-CN_EPS = 1e-5
+from .augment_numpy import BN_EPS, CN_EPS
 REGIONAL_DIM = 2048
 INTERP_MODES = ("inverse_distance", "uniform")
 
@@ -174,11 +173,6 @@ def build_augment_model(
     out = layers.Add(name="aug_sum", dtype="float32")(terms)
     out = L2Normalize(name="l2norm")(out)
     return keras.Model(inputs, {"l2norm": out}, name=name)
-
-
-def has_visual_weights(keys) -> bool:
-    """Whether a weight file (its keys) holds the visual branch."""
-    return any(str(k).startswith("vis_context_") for k in keys)
 
 
 def geometric_only(model: keras.Model) -> keras.Model:

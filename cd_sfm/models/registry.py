@@ -205,7 +205,8 @@ def find_component(component: str, names) -> tuple[ModelInfo | None, list[str]]:
 
 def load_keras_models(entry: ModelInfo, components=COMPONENTS, visual: bool | None = None) -> dict:
     """Build our Keras models and load the model's weight files: {component: keras.Model} for those present."""
-    from .augment import build_augment_model, has_visual_weights
+    from .augment import build_augment_model
+    from .augment_numpy import has_visual_weights
     from .local import load_local_model
     from .regional import build_regional_model
     from .weights import load_weights_npz

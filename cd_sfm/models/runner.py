@@ -193,7 +193,78 @@ def _round_up(n: int, m: int) -> int:
     return max(m, -(-n // m) * m)
 
 
-class ContextDescRunner:
+class _Int8Nets:
+    """The int8 local network of a runner: one interpreter per calling thread and engine (they are not thread-safe),
+    ``int8_threads`` threads each (0 = all cores); ``int8_engine`` None is ``int8.int8_engine()``'s choice (OpenVINO
+    where installed), else "tflite" / "openvino"."""
+
+    def _init_int8(self, int8_path, threads: int | None) -> None:
+        self._int8_path = int8_path
+        self._int8_tls = threading.local()
+        self.int8_threads = int(threads or 0)
+        self.int8_engine = None
+        if self._int8_path is not None:
+            self._int8_net()  # a bad file fails here, not in a worker thread
+
+    def _int8_net(self, threads: int | None = None):
+        """This thread's interpreter with ``threads`` threads (default ``int8_threads``; 0 = all cores)."""
+        from .int8 import Int8Local
+
+        threads = self.int8_threads if threads is None else int(threads)
+        nets = getattr(self._int8_tls, "nets", None)
+        if nets is None:
+            nets = self._int8_tls.nets = {}
+        key = (threads, self.int8_engine)
+        if key not in nets:
+            nets[key] = Int8Local(self._int8_path, threads=threads, engine=self.int8_engine)
+        return nets[key]
+
+
+class LiteRunner(_Int8Nets):
+    """The runner of the int8 local network and the geometric-only augmentation (``augment_numpy``), without
+    TensorFlow: what the shipped models need where int8 is the precision without a timing probe (see
+    :func:`lite_runner_applies`). Same interface as :class:`ContextDescRunner` (no regional model)."""
+
+    probe = None
+    float_precision = "fp32"  # the numpy augmentation
+    has_regional = False
+
+    def __init__(self, int8_path, augment=None, threads: int | None = None):
+        """``augment``: a :class:`augment_numpy.GeometricAugment`, or None (raw local descriptors)."""
+        self.precision = resolve_precision("int8", int8_path is not None)  # logs the engine
+        self._init_int8(int8_path, threads)
+        self._aug = augment
+        self.models = {"local": None, **({"augment": None} if augment is not None else {})}
+
+    @property
+    def has_augment(self) -> bool:
+        return self._aug is not None
+
+    def local(self, patches: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(patches, np.float32)
+        if len(x) == 0:
+            return np.zeros((0, 128), np.float32), np.zeros((0,), np.float32)
+        return self._int8_net(threads)(x.reshape(len(x), 32, 32, 1))
+
+    def regional(self, image: np.ndarray) -> np.ndarray:
+        raise RuntimeError("no regional model loaded")
+
+    def augment(self, local_feat: np.ndarray, kpt_m: np.ndarray, kpt_xy: np.ndarray,
+                regional_map: np.ndarray | None = None) -> np.ndarray:
+        if self._aug is None:
+            raise RuntimeError("no augmentation model loaded")
+        return self._aug(local_feat, kpt_m, kpt_xy)
+
+
+def lite_runner_applies(precision: str, int8_available: bool) -> bool:
+    """Whether ``precision`` runs the local network as int8 here with no timing probe (``int8``, or ``auto`` on a CPU
+    where int8 was measured faster): then a model without a regional network needs no TensorFlow (``LiteRunner``)."""
+    if not int8_available:
+        return False
+    return precision == "int8" or precision == "auto" and int8_measured_faster()
+
+
+class ContextDescRunner(_Int8Nets):
     """Runs given fp32 Keras models (``local`` required, ``augment`` and ``regional`` optional).
 
     ``builders`` maps the same keys to the functions that build each model; the local and regional builders take
@@ -224,13 +295,7 @@ class ContextDescRunner:
             self.precision = self.probe["choice"]
             logger.info("precision auto: local network int8 %.0f patches/s, %s %.0f patches/s -> %s",
                         self.probe["int8"], float_precision, self.probe[float_precision], self.precision)
-        # int8: one interpreter per calling thread and engine (they are not thread-safe), ``int8_threads`` threads each
-        self._int8_path = int8_path if self.precision == "int8" else None
-        self._int8_tls = threading.local()
-        self.int8_threads = int(threads or 0)
-        self.int8_engine = None  # None: int8.int8_engine()'s choice (OpenVINO where installed); "tflite" / "openvino"
-        if self._int8_path is not None:
-            self._int8_net()  # a bad file fails here, not in a worker thread
+        self._init_int8(int8_path if self.precision == "int8" else None, threads)
         self.xla = bool(xla)
         self.batch_size = int(batch_size)
         self.bucket = int(bucket) if bucket else 1024
@@ -284,19 +349,6 @@ class ContextDescRunner:
                 return tf.cast(aug(inputs, training=False)["l2norm"], f32)
 
             self._augment = tf.function(run_augment, input_signature=sig, jit_compile=self.xla)
-
-    def _int8_net(self, threads: int | None = None):
-        """This thread's interpreter with ``threads`` threads (default ``int8_threads``; 0 = all cores)."""
-        from .int8 import Int8Local
-
-        threads = self.int8_threads if threads is None else int(threads)
-        nets = getattr(self._int8_tls, "nets", None)
-        if nets is None:
-            nets = self._int8_tls.nets = {}
-        key = (threads, self.int8_engine)
-        if key not in nets:
-            nets[key] = Int8Local(self._int8_path, threads=threads, engine=self.int8_engine)
-        return nets[key]
 
     def _chunk_sizes(self, n: int) -> list[tuple[int, int]]:
         """(real, padded) sizes of the local-model calls for n patches."""
