@@ -110,10 +110,44 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
     s = sres["scenes"]["synth"]["methods"]["rootsift"]
     assert s["num_images_registered"] >= 3 and s["num_points3D"] > 50 and s["gt"]["aligned"]
     assert s["gt"]["relative_position_error"] < 0.05  # the synthetic scene is reconstructed to its ground truth
+    rel = s["gt"]["relative_pose"]
+    assert rel["pairs"] == 6 and rel["pairs_registered"] == s["num_images_registered"] * (
+        s["num_images_registered"] - 1) // 2
+    assert rel["rotation_error_median_deg"] < 1 and rel["pose_accuracy"]["5"] == rel["pairs_registered"] / 6
     ov = sres["methods"]["rootsift"]
     assert ov["num_images_registered"] == s["num_images_registered"] and ov["gt_scenes"] == 1
+    assert ov["mean_pose_accuracy"]["10"] == rel["pose_accuracy"]["10"]
+    assert "acc@10" in capsys.readouterr().out
 
     md = tmp_path / "table.md"
     assert main(["eval", "report", str(out), str(sout), "--output", str(md)]) == 0
     text = md.read_text()
     assert "### Relative pose" in text and "### SfM" in text and "| contextdesc | absent" in text
+
+
+def test_relative_pose_errors_see_a_flipped_camera_and_a_missing_one(scene):
+    """A camera turned 180 degrees about its optical axis keeps its centre (the aligned position error cannot see
+    it) and fails every pair it is in; an image the model left out fails its pairs too."""
+    import pycolmap
+
+    from cd_sfm.evaluation.gt import load_gt
+    from cd_sfm.evaluation.sfm import relative_pose_errors
+
+    views = load_gt(scene)
+    rec = pycolmap.Reconstruction(str(scene / "gt_colmap"))
+    exact = relative_pose_errors(rec, views)
+    assert exact["pairs"] == exact["pairs_registered"] == 6 and exact["pose_accuracy"] == {"5": 1.0, "10": 1.0,
+                                                                                             "20": 1.0}
+    assert exact["rotation_error_median_deg"] < 1e-3 and exact["translation_error_median_deg"] < 1e-3
+    im = rec.images[sorted(rec.reg_image_ids())[0]]
+    T = im.cam_from_world()
+    flip = np.diag([-1.0, -1.0, 1.0])
+    centre = im.projection_center()
+    rec.frames[im.frame_id].rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(flip @ T.rotation.matrix()),
+                                                              flip @ T.translation)
+    assert np.allclose(rec.images[im.image_id].projection_center(), centre)
+    flipped = relative_pose_errors(rec, views)
+    assert flipped["pose_accuracy"]["20"] == 0.5  # its 3 pairs of 6
+    rec.deregister_frame(im.frame_id)
+    missing = relative_pose_errors(rec, views)
+    assert missing["pairs"] == 6 and missing["pairs_registered"] == 3 and missing["pose_accuracy"]["5"] == 0.5

@@ -12,9 +12,12 @@ per stage; when the scene has usable ground-truth cameras (:mod:`.gt`: any form 
 ``gt_unusable``), the reconstruction is aligned to them (similarity from the projection centres, see
 :func:`cd_sfm.synthetic.compare_to_ground_truth`) and the camera position / rotation errors are reported; the
 position error also relative to the spread of the true cameras (median distance to their centroid), comparable across
-scenes. Overall per method (:func:`overall`): registered / used images and points summed, track length and
+scenes; and, with no alignment, the relative pose of every pair of images against the true one
+(:func:`relative_pose_errors`: rotation and translation-direction errors, and the share of all pairs within 5 / 10 /
+20 degrees, unregistered images failing theirs). Overall per method (:func:`overall`): registered / used images and points summed, track length and
 reprojection error averaged over the scenes with a reconstruction, the median over the scenes with ground truth of
-the relative position error and of the largest rotation error, total time.
+the relative position error and of the largest rotation error, the mean over those scenes of the relative pose
+accuracy, total time.
 
 Scenes: by default every multi-view EVAL scene of the split (:func:`.scenes.sfm_scenes`).
 """
@@ -65,9 +68,60 @@ def image_dir_of(scene: Path) -> Path:
     return d if d.is_dir() else scene
 
 
+POSE_THRESHOLDS_DEG = (5, 10, 20)  # relative pose accuracy thresholds (rotation and translation direction)
+MIN_BASELINE = 0.01  # of the camera spread: below it a true pair's translation direction is not compared
+
+
+def _angle_deg(R: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def relative_pose_errors(rec, views: dict, spread: float = 1.0) -> dict:
+    """Alignment-free camera errors: for every pair of ground-truth images, the model's relative pose (camera a from
+    camera b) against the true one, as the rotation error and the angle between the translation directions (degrees;
+    not compared where the true baseline is under ``MIN_BASELINE`` of ``spread``). ``pose_accuracy``: the share of
+    *all* pairs (an image the model left out fails its pairs) whose larger error is below each of
+    ``POSE_THRESHOLDS_DEG``, as IMC's relative-pose accuracy; medians over the pairs the model holds.
+
+    Unlike the camera positions after a similarity alignment, this sees cameras in the right place looking the wrong
+    way (object rings, where a flipped camera keeps its centre) and needs no well-conditioned alignment."""
+    from itertools import combinations
+
+    poses = {}
+    for i in rec.reg_image_ids():
+        im = rec.images[i]
+        if im.name in views:
+            T = im.cam_from_world()
+            poses[im.name] = (np.asarray(T.rotation.matrix(), np.float64), np.asarray(T.translation, np.float64))
+    names = sorted(views)
+    rot, tra, worst = [], [], []
+    for a, b in combinations(names, 2):
+        if a not in poses or b not in poses:
+            continue
+        (Ra, ta), (Rb, tb) = poses[a], poses[b]
+        va, vb = views[a], views[b]
+        R, Rg = Ra @ Rb.T, va.R @ vb.R.T
+        t, tg = ta - R @ tb, va.t - Rg @ vb.t
+        er = _angle_deg(R @ Rg.T)
+        et = 0.0
+        if np.linalg.norm(tg) >= MIN_BASELINE * spread:
+            c = float(t @ tg) / max(np.linalg.norm(t) * np.linalg.norm(tg), 1e-12)
+            et = float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+        rot.append(er)
+        tra.append(et)
+        worst.append(max(er, et))
+    total = len(names) * (len(names) - 1) // 2
+    worst = np.asarray(worst)
+    return {"pairs": total, "pairs_registered": len(worst),
+            "rotation_error_median_deg": float(np.median(rot)) if rot else None,
+            "translation_error_median_deg": float(np.median(tra)) if tra else None,
+            "pose_accuracy": {str(th): float((worst < th).sum() / total) if total else None
+                              for th in POSE_THRESHOLDS_DEG}}
+
+
 def gt_errors(sparse: Path, views: dict | None) -> dict | None:
-    """Camera errors of the model ``sparse`` after alignment to the ground-truth views (:func:`.gt.load_gt`; None
-    without either)."""
+    """Camera errors of the model ``sparse`` against the ground-truth views (:func:`.gt.load_gt`; None without
+    either): after alignment (positions, rotations) and pair by pair without one (:func:`relative_pose_errors`)."""
     if not views or not sparse.is_dir():
         return None
     import pycolmap
@@ -78,14 +132,17 @@ def gt_errors(sparse: Path, views: dict | None) -> dict | None:
     gtr = to_reconstruction(views)
     centers = np.array([v.center for v in views.values()])
     spread = float(np.median(np.linalg.norm(centers - centers.mean(0), axis=1))) or 1.0
+    rec = pycolmap.Reconstruction(str(sparse))
+    relative = relative_pose_errors(rec, views, spread)
     try:
-        res = compare_to_ground_truth(pycolmap.Reconstruction(str(sparse)), gtr, max_proj_center_error=0.05 * spread)
+        res = compare_to_ground_truth(rec, gtr, max_proj_center_error=0.05 * spread)
     except Exception as e:  # noqa: BLE001 - too few images to align, etc.
         logger.warning("%s: no alignment to the ground truth (%s)", sparse, e)
-        return {"aligned": False}
+        return {"aligned": False, "relative_pose": relative}
     res["camera_spread"] = spread  # median distance of the true camera centres to their centroid (GT units)
     if res.get("median_position_error") is not None:
         res["relative_position_error"] = res["median_position_error"] / spread
+    res["relative_pose"] = relative
     return res
 
 
@@ -143,6 +200,8 @@ def overall(per_scene: dict[str, dict]) -> dict:
         gts = [r.get("gt") or {} for r in rows]
         rel = [g["relative_position_error"] for g in gts if g.get("relative_position_error") is not None]
         rot = [g["max_rotation_error_deg"] for g in gts if g.get("max_rotation_error_deg") is not None]
+        acc = {th: [g["relative_pose"]["pose_accuracy"][str(th)] for g in gts if g.get("relative_pose")]
+               for th in POSE_THRESHOLDS_DEG}
 
         def mean(key):  # over the scenes with a reconstruction
             v = [r[key] for r in rows if r.get(key) is not None and r["num_images_registered"]]
@@ -158,6 +217,7 @@ def overall(per_scene: dict[str, dict]) -> dict:
                   "gt_scenes": len(rel), "gt_aligned_failed": sum(1 for g in gts if g.get("aligned") is False),
                   "median_relative_position_error": float(np.median(rel)) if rel else None,
                   "median_max_rotation_error_deg": float(np.median(rot)) if rot else None,
+                  "mean_pose_accuracy": {str(th): float(np.mean(v)) if v else None for th, v in acc.items()},
                   "seconds": {"wall": round(sum(r["seconds"]["wall"] for r in rows), 1)}}
     return out
 
@@ -184,7 +244,7 @@ def format_table(result: dict) -> str:
     """Per scene and overall tables of :func:`evaluate_sfm_scenes` (or one scene of :func:`evaluate_sfm`)."""
     scenes = result["scenes"] if "scenes" in result else {result["scene"]: result}
     head = (f"{'scene':<30}{'method':<13}{'reg':>8}{'points':>9}{'track':>7}{'reproj':>8}{'verif':>7}"
-            f"{'pos.err':>9}{'rel.pos':>8}{'rot.err':>9}{'time s':>8}")
+            f"{'pos.err':>9}{'rel.pos':>8}{'rot.err':>9}{'acc@10':>8}{'time s':>8}")
     lines = [head, "-" * len(head)]
     for name, res in scenes.items():
         for m, r in res["methods"].items():
@@ -194,17 +254,22 @@ def format_table(result: dict) -> str:
                          + _fmt(r["mean_reprojection_error"], ".3f", 8) + f"{r['num_verified_pairs']:7d}"
                          + _fmt(gt.get("median_position_error"), ".4f", 9)
                          + _fmt(gt.get("relative_position_error"), ".4f", 8)
-                         + _fmt(gt.get("max_rotation_error_deg"), ".3f", 9) + f"{r['seconds']['wall']:8.1f}")
+                         + _fmt(gt.get("max_rotation_error_deg"), ".3f", 9)
+                         + _fmt((gt.get("relative_pose") or {}).get("pose_accuracy", {}).get("10"), ".3f", 8)
+                         + f"{r['seconds']['wall']:8.1f}")
     if "scenes" in result and len(scenes) > 1:
         for m, r in result["methods"].items():
             lines.append(f"{'ALL':<30}{m:<13}{r['num_images_registered']:>4d}/{r['num_images_used']:<3d}"
                          f"{r['num_points3D']:9d}" + _fmt(r["mean_track_length"], ".2f", 7)
                          + _fmt(r["mean_reprojection_error"], ".3f", 8) + f"{r['num_verified_pairs']:7d}"
                          + f"{'':>9}" + _fmt(r["median_relative_position_error"], ".4f", 8)
-                         + _fmt(r["median_max_rotation_error_deg"], ".3f", 9) + f"{r['seconds']['wall']:8.1f}")
+                         + _fmt(r["median_max_rotation_error_deg"], ".3f", 9)
+                         + _fmt((r.get("mean_pose_accuracy") or {}).get("10"), ".3f", 8)
+                         + f"{r['seconds']['wall']:8.1f}")
     for m, why in (result.get("absent") or {}).items():
         lines.append(f"{'':<30}{m:<13}absent: {why}")
     lines.append("pos.err: median camera position error after similarity alignment (GT units); rel.pos: the same / "
                  "spread of the true cameras (ALL: median over scenes); rot.err: max rotation error (deg; ALL: median "
-                 "over scenes); n/a: no usable ground truth")
+                 "over scenes); acc@10: share of all image pairs whose relative pose is within 10 deg in rotation and "
+                 "translation direction, no alignment needed (ALL: mean over scenes); n/a: no usable ground truth")
     return "\n".join(lines)
