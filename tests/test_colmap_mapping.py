@@ -96,7 +96,7 @@ def test_largest_model_is_sparse_0(tmp_path):
 
 def test_choice_between_mapping_attempts():
     """The trusted attempt with most images wins; an untrusted alternative (poses that disagree with the two-view
-    geometries) never replaces the configured mapper's model."""
+    geometries) never replaces the configured mapper's model, nor one with more images but fewer 3D points."""
     def t(mapper, reg, pts, ag):
         return {"mapper": mapper, "seed": 0, "registered": reg, "points": pts, "agreement": ag, "models": []}
 
@@ -105,6 +105,17 @@ def test_choice_between_mapping_attempts():
     assert mapping._choose([inc, glob_bad]) is inc
     assert mapping._choose([t("incremental", 10, 900, 0.5), glob_bad])["mapper"] == "incremental"
     assert mapping._complete(t("incremental", 6, 10, None), 6) and not mapping._complete(glob_bad, 29)
+    # more images with fewer points than the configured mapper's trusted model: wrongly placed cameras (measured on
+    # object rings), not kept; with more points (middlebury's temple ring: 13 -> 16 images, 1155 -> 1274) kept
+    ring_inc, ring_glob = t("incremental", 7, 381, 1.0), t("global", 13, 376, 0.91)
+    assert mapping._choose([ring_inc, ring_glob]) is ring_inc
+    temple_inc, temple_glob = t("incremental", 13, 1155, 1.0), t("global", 16, 1274, 1.0)
+    assert mapping._choose([temple_inc, temple_glob]) is temple_glob
+    # a later seed that registers more images with more points still wins over a grown-but-emptier global model
+    seed1 = t("incremental", 9, 400, 1.0)
+    assert mapping._choose([ring_inc, ring_glob, seed1]) is seed1
+    # an untrusted first model is no yardstick: the trusted alternative wins whatever its points
+    assert mapping._choose([t("incremental", 7, 381, 0.5), ring_glob]) is ring_glob
 
 
 @pytest.mark.slow
