@@ -151,3 +151,4 @@ def test_relative_pose_errors_see_a_flipped_camera_and_a_missing_one(scene):
     rec.deregister_frame(im.frame_id)
     missing = relative_pose_errors(rec, views)
     assert missing["pairs"] == 6 and missing["pairs_registered"] == 3 and missing["pose_accuracy"]["5"] == 0.5
+    assert missing["registered_pose_accuracy"]["5"] == 1.0 and flipped["registered_pose_accuracy"]["5"] == 0.5

@@ -81,7 +81,8 @@ def relative_pose_errors(rec, views: dict, spread: float = 1.0) -> dict:
     camera b) against the true one, as the rotation error and the angle between the translation directions (degrees;
     not compared where the true baseline is under ``MIN_BASELINE`` of ``spread``). ``pose_accuracy``: the share of
     *all* pairs (an image the model left out fails its pairs) whose larger error is below each of
-    ``POSE_THRESHOLDS_DEG``, as IMC's relative-pose accuracy; medians over the pairs the model holds.
+    ``POSE_THRESHOLDS_DEG``, as IMC's relative-pose accuracy; ``registered_pose_accuracy``: the same share of the
+    pairs the model holds (its precision: a smaller right model scores 1); medians over the pairs the model holds.
 
     Unlike the camera positions after a similarity alignment, this sees cameras in the right place looking the wrong
     way (object rings, where a flipped camera keeps its centre) and needs no well-conditioned alignment."""
@@ -116,7 +117,9 @@ def relative_pose_errors(rec, views: dict, spread: float = 1.0) -> dict:
             "rotation_error_median_deg": float(np.median(rot)) if rot else None,
             "translation_error_median_deg": float(np.median(tra)) if tra else None,
             "pose_accuracy": {str(th): float((worst < th).sum() / total) if total else None
-                              for th in POSE_THRESHOLDS_DEG}}
+                              for th in POSE_THRESHOLDS_DEG},
+            "registered_pose_accuracy": {str(th): float((worst < th).mean()) if len(worst) else None
+                                         for th in POSE_THRESHOLDS_DEG}}
 
 
 def gt_errors(sparse: Path, views: dict | None) -> dict | None:
