@@ -15,7 +15,6 @@ match, 0 when unmatched). Pairs already in the file in either order are skipped;
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -197,9 +196,6 @@ def match_descriptors_reference(
 # the fused matcher (numba kernels; falls back to the reference without numba)
 
 
-_blas = None  # threadpoolctl controller, made on first use
-
-
 def _kernels():
     """The numba kernels, or None where numba is not installed (the reference matcher is used then)."""
     global _kernel_module
@@ -218,18 +214,10 @@ _kernel_module = None
 
 def _single_threaded_blas():
     """A context in which BLAS runs on one thread (our threads split the work; BLAS threads on small tiles only fight
-    over the cores), or a no-op without threadpoolctl."""
-    global _blas
-    if _blas is None:
-        try:
-            from threadpoolctl import ThreadpoolController
+    over the cores), safe to enter from several threads at once (:func:`cd_sfm.blas.one_blas_thread`)."""
+    from .blas import one_blas_thread
 
-            _blas = ThreadpoolController()
-        except ImportError:  # pragma: no cover
-            _blas = False
-    if _blas:
-        return _blas.limit(limits=1, user_api="blas")
-    return contextlib.nullcontext()
+    return one_blas_thread()
 
 
 def default_threads() -> int:

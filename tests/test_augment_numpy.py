@@ -57,6 +57,35 @@ def test_equals_keras_on_shipped_weights(name):
     assert aug(*_inputs(0)).shape == (0, 128)
 
 
+def test_same_bits_whatever_the_blas_threads():
+    """A Ray worker (one core) must store the descriptors of the in-process run: BLAS with other thread counts rounds
+    differently, so the augmentation runs its products on one thread."""
+    from threadpoolctl import threadpool_limits
+
+    aug = GeometricAugment.from_file(registry.resolve(registry.DEFAULT_MODEL).path("augment"))
+    feat, mb, xy = _inputs(3000, seed=5)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = aug(feat, mb, xy)
+    with threadpool_limits(limits=2, user_api="blas"):
+        two = aug(feat, mb, xy)
+    assert np.array_equal(one, two)
+    # and from several threads at once (two images are extracted at a time): the same bits every time
+    import threading
+
+    inputs = [_inputs(600, seed=s) for s in range(4)]
+    ref = [aug(*x) for x in inputs]
+    for _ in range(10):
+        out = [None] * 4
+
+        def work(i):
+            out[i] = aug(*inputs[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert all(np.array_equal(r, o) for r, o in zip(ref, out))
+
+
 def test_ignores_a_visual_branch_as_geometric_only_does(tmp_path):
     full = _randomised(build_augment_model(visual=True))
     save_weights_npz(full, tmp_path / "augment.npz", dtype=None)

@@ -15,12 +15,15 @@ makes it do)::
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from ..blas import one_blas_thread
 from ..io import CdSfmError, read_npz
 
+_ONE_AT_A_TIME = threading.Lock()
 BN_EPS = 1e-5  # the Keras model's batch norms (augment.py imports these: this module must not import TensorFlow)
 CN_EPS = 1e-5  # its context normalisation
 P = "geo_context_"
@@ -73,6 +76,12 @@ class GeometricAugment:
         return cls(read_npz(path), path)
 
     def __call__(self, local_feat: np.ndarray, kpt_m: np.ndarray, kpt_xy: np.ndarray) -> np.ndarray:
+        # BLAS rounds differently with other thread counts (cd_sfm.blas), and a limit set in one thread may be undone
+        # by another leaving its own block: one image at a time (the products take 0.05-0.1 s of an image's seconds)
+        with _ONE_AT_A_TIME, one_blas_thread():
+            return self._run(local_feat, kpt_m, kpt_xy)
+
+    def _run(self, local_feat, kpt_m, kpt_xy) -> np.ndarray:
         lf = np.asarray(local_feat, np.float32).reshape(-1, 128)
         n = len(lf)
         if n == 0:
