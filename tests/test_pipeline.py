@@ -123,6 +123,13 @@ def test_format_summary_is_short_and_readable():
     text = pipeline.format_summary(s)
     assert "Registered 3 / 4 images" in text and "n/a" in text and "Skipped x.jpg: corrupt" in text
     assert "Not registered: d.jpg" in text and len(text.splitlines()) <= 6
+    # mapping attempts: each with its images, points and agreement, and why the kept one was kept
+    s["mapping_tried"] = [{"mapper": "incremental", "registered": 7, "points": 381, "agreement": 1.0},
+                          {"mapper": "global", "registered": 13, "points": 376, "agreement": 0.91}]
+    s["mapper_used"] = "incremental"
+    line = next(x for x in pipeline.format_summary(s).splitlines() if x.startswith("Mapping tried"))
+    assert "global 13 images, 376 points (agreement 0.91)" in line and "kept incremental" in line
+    assert "more images only with more points" in line
 
 
 # ---------------------------------------------------------------------------------------------------------------------
