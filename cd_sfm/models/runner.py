@@ -17,6 +17,10 @@ augmentation and regional models run in bf16 where the CPU has it, else fp32. ``
 an up-to-date int8 file (except on CPUs where int8 was not measured faster - AMX, where oneDNN runs bf16 on the
 matrix units, or no AVX512-VNNI with TFLite as the engine: there it times int8 and the float form once with
 ``probe_local_speed`` and keeps the faster), else bf16 when the CPU computes it natively, else fp32.
+
+:class:`LiteRunner`: where the local network runs as int8 without a probe and no regional network is in use (the
+shipped models), the int8 network and the geometric-only augmentation in numpy (``augment_numpy``), the same
+descriptors without importing TensorFlow (:func:`lite_runner_applies`; chosen by ``ContextDescBackend``).
 """
 
 from __future__ import annotations
