@@ -152,3 +152,27 @@ def test_relative_pose_errors_see_a_flipped_camera_and_a_missing_one(scene):
     missing = relative_pose_errors(rec, views)
     assert missing["pairs"] == 6 and missing["pairs_registered"] == 3 and missing["pose_accuracy"]["5"] == 0.5
     assert missing["registered_pose_accuracy"]["5"] == 1.0 and flipped["registered_pose_accuracy"]["5"] == 0.5
+
+
+def test_compare_mappers_script(scene, tmp_path, capsys):
+    """``scripts/compare_mappers.py`` on a reconstruction of the synthetic scene: both mappers' models, judged
+    against its ground truth, and the one the pipeline's rule keeps."""
+    import importlib.util
+    from pathlib import Path
+
+    from cd_sfm.pipeline import reconstruct
+
+    out = tmp_path / "out"
+    reconstruct(scene / "images", out, {"features": "rootsift", "features_options": {"max_keypoints": 500,
+                                                                                 "contrast_threshold": 0.04}},
+                progress=False)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_mappers.py"
+    spec = importlib.util.spec_from_file_location("compare_mappers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(out), "--json", str(tmp_path / "m.json")]) == 0
+    (r,) = json.loads((tmp_path / "m.json").read_text())
+    assert r["ground_truth"] and set(r["mappers"]) == {"incremental", "global"}
+    inc = r["mappers"]["incremental"]
+    assert inc["registered"] >= 3 and inc["points"] > 50 and inc["acc10_registered"] == 1.0
+    assert r["kept"] in ("incremental", "global") and "own@10" in capsys.readouterr().out

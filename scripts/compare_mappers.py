@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Both mappers on the same verified database, judged without and with ground truth: the measurements behind the
+mapping rule of ``cd_sfm.colmap.mapping`` (README, "Pairs and mapping").
+
+    python scripts/compare_mappers.py OUT_DIR [OUT_DIR ...] [--scene DIR] [--json out.json]
+
+Each ``OUT_DIR`` is a ``cd-sfm reconstruct`` output (its ``database.db``; the image folder from its
+``summary.json``, its mapper options from ``config.yaml``). Incremental and global mapping run once each (seed 0, no
+fallback) into temporary folders. Per
+mapper: registered images, 3D points, agreement with the two-view geometries (``colmap.consistency``) and, where the
+scene has ground-truth cameras (``--scene``, default the image folder's parent; ``evaluation.gt``), the relative pose
+accuracy@10 over all pairs and over the model's own pairs (``evaluation.sfm.relative_pose_errors``). Last column:
+the model the pipeline's choice keeps (``mapping._choose``: trusted, and more images only with more points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def compare(out_dir: Path, scene: Path | None = None) -> dict:
+    from cd_sfm import config
+    from cd_sfm.colmap import mapping
+    from cd_sfm.colmap.consistency import agreement
+    from cd_sfm.evaluation.sfm import relative_pose_errors, scene_gt
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    images = Path(summary["image_dir"])
+    db = out_dir / "database.db"
+    scene = scene or (images.parent if images.name == "images" else images)
+    views = scene_gt(scene)
+    spread = 1.0
+    if views:
+        c = np.array([v.center for v in views.values()])
+        spread = float(np.median(np.linalg.norm(c - c.mean(0), axis=1))) or 1.0
+    settings = config.resolve(out_dir / "config.yaml").mapping if (out_dir / "config.yaml").exists() else None
+    tried, rows = [], {}
+    for mapper in ("incremental", "global"):
+        tmp = Path(tempfile.mkdtemp(prefix="cd-sfm-mappers-"))
+        try:
+            opts = settings.options_of(mapper) if settings else {}
+            rec, _ = mapping.main({"mapper": mapper, "options": opts, "seed": 0, "fallback": False, "retries": 0}, db,
+                                  images, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        row = {"registered": rec.num_reg_images() if rec else 0, "points": rec.num_points3D() if rec else 0,
+               "agreement": agreement(rec, db)["agreeing_pairs"] if rec else None}
+        if views and rec is not None:
+            rp = relative_pose_errors(rec, views, spread)
+            row["acc10_all"] = rp["pose_accuracy"]["10"]
+            row["acc10_registered"] = rp["registered_pose_accuracy"]["10"]
+        rows[mapper] = row
+        tried.append({"mapper": mapper, "seed": 0, **row})
+    kept = mapping._choose(tried)["mapper"]
+    return {"output_dir": str(out_dir), "scene": str(scene), "ground_truth": bool(views), "mappers": rows,
+            "kept": kept}
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("outputs", nargs="+", type=Path, help="cd-sfm reconstruct output folders")
+    ap.add_argument("--scene", type=Path, help="scene folder with the ground truth (default: the images' parent)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    results = []
+    print(f"{'output':<48}{'mapper':<13}{'images':>7}{'points':>8}{'agree':>7}{'acc@10':>8}{'own@10':>8}  kept")
+    for out in args.outputs:
+        r = compare(out, args.scene)
+        results.append(r)
+        for mapper, row in r["mappers"].items():
+            print(f"{str(out)[-47:]:<48}{mapper:<13}{row['registered']:>7}{row['points']:>8}"
+                  f"{_fmt(row['agreement']):>7}{_fmt(row.get('acc10_all')):>8}{_fmt(row.get('acc10_registered')):>8}"
+                  f"  {'<-' if mapper == r['kept'] else ''}", flush=True)
+    print("acc@10: share of all image pairs within 10 deg of the true relative pose; own@10: of the model's own "
+          "pairs; - : no ground truth")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
