@@ -6,9 +6,8 @@ mapping rule of ``cd_sfm.colmap.mapping`` (README, "Pairs and mapping").
 
 Each ``OUT_DIR`` is a ``cd-sfm reconstruct`` output (its ``database.db``; the image folder from its
 ``summary.json``, its mapper options from ``config.yaml``). Incremental and global mapping run once each (seed 0, no
-fallback) into temporary folders. Per
-mapper: registered images, 3D points, agreement with the two-view geometries (``colmap.consistency``) and, where the
-scene has ground-truth cameras (``--scene``, default the image folder's parent; ``evaluation.gt``), the relative pose
+fallback) into temporary folders. Per mapper: registered images, 3D points, agreement with the two-view geometries
+(``colmap.consistency``) and, where the scene has ground-truth cameras (``--scene``, default the image folder's parent; ``evaluation.gt``), the relative pose
 accuracy@10 over all pairs and over the model's own pairs (``evaluation.sfm.relative_pose_errors``). Last column:
 the model the pipeline's choice keeps (``mapping._choose``: trusted, and more images only with more points).
 """
