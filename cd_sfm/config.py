@@ -46,7 +46,8 @@ Keys:
   the next seed when images with verified pairs stay unregistered; scenes up to 300 images), ``mapping_fallback``
   (when the incremental mapper still leaves out images with verified pairs, or its model does not agree with the
   two-view geometries, try the global mapper too, and the other way round, keeping the model that registers the
-  most images among those that agree: :mod:`cd_sfm.colmap.consistency`), ``seed`` (-1: random).
+  most images among those that agree: :mod:`cd_sfm.colmap.consistency`; one with more images than the configured
+  mapper's must also hold more 3D points), ``seed`` (-1: random).
 * ``ray``: null (in process), or ``auto`` / ``local`` / a cluster address: extraction and matching run on Ray workers
   (:mod:`cd_sfm.distributed`; same files as in process); ``ray_options``: :class:`cd_sfm.distributed.RayConf` fields
   (``num_workers``, ``ship_data``, ...). Without it nothing imports Ray.
