@@ -117,12 +117,14 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
     ov = sres["methods"]["rootsift"]
     assert ov["num_images_registered"] == s["num_images_registered"] and ov["gt_scenes"] == 1
     assert ov["mean_pose_accuracy"]["10"] == rel["pose_accuracy"]["10"]
+    assert ov["mean_registered_pose_accuracy"]["10"] == rel["registered_pose_accuracy"]["10"] == 1.0
     assert "acc@10" in capsys.readouterr().out
 
     md = tmp_path / "table.md"
     assert main(["eval", "report", str(out), str(sout), "--output", str(md)]) == 0
     text = md.read_text()
     assert "### Relative pose" in text and "### SfM" in text and "| contextdesc | absent" in text
+    assert "own pairs @10 deg" in text
 
 
 def test_relative_pose_errors_see_a_flipped_camera_and_a_missing_one(scene):

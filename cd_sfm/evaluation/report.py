@@ -53,18 +53,21 @@ def sfm_md(res: dict) -> str:
     scenes = res["scenes"] if "scenes" in res else {res["scene"]: res}  # one-scene results of older runs
     lines = [f"### SfM ({', '.join(scenes)}; same keypoints, pipeline defaults)", "", _header(res.get("meta") or {}),
              "", "| scene | method | registered | 3D points | track length | reproj. error px | verified pairs | "
-             "cam. pos. error (median) | rel. to camera spread | max rot. error deg | pose acc. @10 deg | time s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "cam. pos. error (median) | rel. to camera spread | max rot. error deg | pose acc. @10 deg | "
+             "own pairs @10 deg | time s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, sr in scenes.items():
         for m, r in sr["methods"].items():
             gt = r.get("gt") or {}
+            rel = gt.get("relative_pose") or {}
             lines.append(f"| {name} | {m} | {r['num_images_registered']}/{r['num_images_used']} | "
                          f"{r['num_points3D']} | "
                          f"{_num(r['mean_track_length'], '.2f')} | {_num(r['mean_reprojection_error'], '.3f')} | "
                          f"{r['num_verified_pairs']} | {_num(gt.get('median_position_error'), '.4f')} | "
                          f"{_num(gt.get('relative_position_error'), '.4f')} | "
                          f"{_num(gt.get('max_rotation_error_deg'), '.2f')} | "
-                         f"{_num(((gt.get('relative_pose') or {}).get('pose_accuracy') or {}).get('10'), '.3f')} | "
+                         f"{_num((rel.get('pose_accuracy') or {}).get('10'), '.3f')} | "
+                         f"{_num((rel.get('registered_pose_accuracy') or {}).get('10'), '.3f')} | "
                          f"{r['seconds'].get('wall', 0):.0f} |")
     if "scenes" in res and len(scenes) > 1:
         for m, r in res["methods"].items():
@@ -73,6 +76,7 @@ def sfm_md(res: dict) -> str:
                          f"{r['num_verified_pairs']} | | {_num(r['median_relative_position_error'], '.4f')} | "
                          f"{_num(r['median_max_rotation_error_deg'], '.2f')} | "
                          f"{_num((r.get('mean_pose_accuracy') or {}).get('10'), '.3f')} | "
+                         f"{_num((r.get('mean_registered_pose_accuracy') or {}).get('10'), '.3f')} | "
                          f"{r['seconds'].get('wall', 0):.0f} |")
     return "\n".join(lines + _absent(res))
 

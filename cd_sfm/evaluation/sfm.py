@@ -14,10 +14,10 @@ per stage; when the scene has usable ground-truth cameras (:mod:`.gt`: any form 
 position error also relative to the spread of the true cameras (median distance to their centroid), comparable across
 scenes; and, with no alignment, the relative pose of every pair of images against the true one
 (:func:`relative_pose_errors`: rotation and translation-direction errors, and the share of all pairs within 5 / 10 /
-20 degrees, unregistered images failing theirs). Overall per method (:func:`overall`): registered / used images and points summed, track length and
-reprojection error averaged over the scenes with a reconstruction, the median over the scenes with ground truth of
-the relative position error and of the largest rotation error, the mean over those scenes of the relative pose
-accuracy, total time.
+20 degrees, unregistered images failing theirs, and of the model's own pairs). Overall per method (:func:`overall`):
+registered / used images and points summed, track length and reprojection error averaged over the scenes with a
+reconstruction, the median over the scenes with ground truth of the relative position error and of the largest
+rotation error, the mean over those scenes of both relative pose accuracies, total time.
 
 Scenes: by default every multi-view EVAL scene of the split (:func:`.scenes.sfm_scenes`).
 """
@@ -205,6 +205,9 @@ def overall(per_scene: dict[str, dict]) -> dict:
         rot = [g["max_rotation_error_deg"] for g in gts if g.get("max_rotation_error_deg") is not None]
         acc = {th: [g["relative_pose"]["pose_accuracy"][str(th)] for g in gts if g.get("relative_pose")]
                for th in POSE_THRESHOLDS_DEG}
+        own = {th: [g["relative_pose"].get("registered_pose_accuracy", {}).get(str(th)) for g in gts
+                    if g.get("relative_pose")] for th in POSE_THRESHOLDS_DEG}
+        own = {th: [v for v in vs if v is not None] for th, vs in own.items()}
 
         def mean(key):  # over the scenes with a reconstruction
             v = [r[key] for r in rows if r.get(key) is not None and r["num_images_registered"]]
@@ -221,6 +224,8 @@ def overall(per_scene: dict[str, dict]) -> dict:
                   "median_relative_position_error": float(np.median(rel)) if rel else None,
                   "median_max_rotation_error_deg": float(np.median(rot)) if rot else None,
                   "mean_pose_accuracy": {str(th): float(np.mean(v)) if v else None for th, v in acc.items()},
+                  "mean_registered_pose_accuracy": {str(th): float(np.mean(v)) if v else None
+                                                    for th, v in own.items()},
                   "seconds": {"wall": round(sum(r["seconds"]["wall"] for r in rows), 1)}}
     return out
 
@@ -247,7 +252,7 @@ def format_table(result: dict) -> str:
     """Per scene and overall tables of :func:`evaluate_sfm_scenes` (or one scene of :func:`evaluate_sfm`)."""
     scenes = result["scenes"] if "scenes" in result else {result["scene"]: result}
     head = (f"{'scene':<30}{'method':<13}{'reg':>8}{'points':>9}{'track':>7}{'reproj':>8}{'verif':>7}"
-            f"{'pos.err':>9}{'rel.pos':>8}{'rot.err':>9}{'acc@10':>8}{'time s':>8}")
+            f"{'pos.err':>9}{'rel.pos':>8}{'rot.err':>9}{'acc@10':>8}{'own@10':>8}{'time s':>8}")
     lines = [head, "-" * len(head)]
     for name, res in scenes.items():
         for m, r in res["methods"].items():
@@ -259,6 +264,7 @@ def format_table(result: dict) -> str:
                          + _fmt(gt.get("relative_position_error"), ".4f", 8)
                          + _fmt(gt.get("max_rotation_error_deg"), ".3f", 9)
                          + _fmt((gt.get("relative_pose") or {}).get("pose_accuracy", {}).get("10"), ".3f", 8)
+                         + _fmt((gt.get("relative_pose") or {}).get("registered_pose_accuracy", {}).get("10"), ".3f", 8)
                          + f"{r['seconds']['wall']:8.1f}")
     if "scenes" in result and len(scenes) > 1:
         for m, r in result["methods"].items():
@@ -268,11 +274,13 @@ def format_table(result: dict) -> str:
                          + f"{'':>9}" + _fmt(r["median_relative_position_error"], ".4f", 8)
                          + _fmt(r["median_max_rotation_error_deg"], ".3f", 9)
                          + _fmt((r.get("mean_pose_accuracy") or {}).get("10"), ".3f", 8)
+                         + _fmt((r.get("mean_registered_pose_accuracy") or {}).get("10"), ".3f", 8)
                          + f"{r['seconds']['wall']:8.1f}")
     for m, why in (result.get("absent") or {}).items():
         lines.append(f"{'':<30}{m:<13}absent: {why}")
     lines.append("pos.err: median camera position error after similarity alignment (GT units); rel.pos: the same / "
                  "spread of the true cameras (ALL: median over scenes); rot.err: max rotation error (deg; ALL: median "
                  "over scenes); acc@10: share of all image pairs whose relative pose is within 10 deg in rotation and "
-                 "translation direction, no alignment needed (ALL: mean over scenes); n/a: no usable ground truth")
+                 "translation direction, no alignment needed; own@10: the same share of the model's own pairs (its "
+                 "precision) (ALL: means over scenes); n/a: no usable ground truth")
     return "\n".join(lines)
