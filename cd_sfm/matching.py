@@ -27,6 +27,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
+from .blas import one_blas_thread
 from .io import ATTRS_KEY, CdSfmError, H5Appender, check_feature_entry, check_file_settings, completed_names, \
     entry_attrs, file_settings, list_h5_names, merge_parts, names_to_pair, names_to_pair_old, parse_pairs
 from .progress import tqdm
@@ -212,14 +213,6 @@ def _kernels():
 _kernel_module = None
 
 
-def _single_threaded_blas():
-    """A context in which BLAS runs on one thread (our threads split the work; BLAS threads on small tiles only fight
-    over the cores), safe to enter from several threads at once (:func:`cd_sfm.blas.one_blas_thread`)."""
-    from .blas import one_blas_thread
-
-    return one_blas_thread()
-
-
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -233,7 +226,7 @@ def gram(desc: np.ndarray) -> np.ndarray:
     compute them once per image)."""
     d = np.asarray(desc, np.float32)
     g = np.empty((d.shape[1] + 1,) * 2, np.float64)
-    with _single_threaded_blas():  # the same rounding wherever it is called from
+    with one_blas_thread():  # the same rounding wherever it is called from
         g[:-1, :-1] = d.T @ d
     g[:-1, -1] = g[-1, :-1] = d.sum(0, dtype=np.float64)
     g[-1, -1] = len(d)
@@ -354,7 +347,7 @@ def match_descriptors(
         return match_descriptors_reference(d0, d1, ratio=ratio, mutual=mutual, distance_threshold=distance_threshold,
                                            metric=metric, normalized=normalized, block_rows=block_rows,
                                            cross_ratio=cross_ratio)
-    with _single_threaded_blas():
+    with one_blas_thread():  # our threads split the work; BLAS threads on small tiles only fight over the cores
         return _match_fused(kern, d0, d1, ratio, mutual, distance_threshold, metric, normalized, cross_ratio, screen,
                             screen_k, threads, grams)
 

@@ -77,7 +77,8 @@ def render_scene(
     return SyntheticScene(image_dir, gt_dir, names)
 
 
-def _rotation_angle_deg(R: np.ndarray) -> float:
+def rotation_angle_deg(R: np.ndarray) -> float:
+    """The angle (degrees) of the rotation matrix ``R``."""
     c = (np.trace(R) - 1.0) / 2.0
     return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
@@ -108,7 +109,7 @@ def compare_to_ground_truth(rec, gt, max_proj_center_error: float = 0.5) -> dict
             continue
         R = im.cam_from_world().rotation.matrix()
         R_gt = ref.cam_from_world().rotation.matrix()
-        rot_err.append(_rotation_angle_deg(R @ R_gt.T))
+        rot_err.append(rotation_angle_deg(R @ R_gt.T))
         pos_err.append(float(np.linalg.norm(im.projection_center() - ref.projection_center())))
     scene_size = float(np.median([np.linalg.norm(im.projection_center()) for im in gt.images.values()]))
     return {

@@ -21,8 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -31,17 +29,14 @@ def compare(out_dir: Path, scene: Path | None = None) -> dict:
     from cd_sfm import config
     from cd_sfm.colmap import mapping
     from cd_sfm.colmap.consistency import agreement
-    from cd_sfm.evaluation.sfm import relative_pose_errors, scene_gt
+    from cd_sfm.evaluation.sfm import camera_spread, relative_pose_errors, scene_gt
 
     summary = json.loads((out_dir / "summary.json").read_text())
     images = Path(summary["image_dir"])
     db = out_dir / "database.db"
     scene = scene or (images.parent if images.name == "images" else images)
     views = scene_gt(scene)
-    spread = 1.0
-    if views:
-        c = np.array([v.center for v in views.values()])
-        spread = float(np.median(np.linalg.norm(c - c.mean(0), axis=1))) or 1.0
+    spread = camera_spread(views) if views else 1.0
     settings = config.resolve(out_dir / "config.yaml").mapping if (out_dir / "config.yaml").exists() else None
     tried, rows = [], {}
     for mapper in ("incremental", "global"):

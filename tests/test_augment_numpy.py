@@ -148,7 +148,7 @@ def test_default_reconstruction_never_imports_tensorflow(tmp_path):
 
     lite = ContextDescBackend(precision="int8", max_keypoints=8192, contrast_threshold=0.02)
     assert type(lite.runner).__name__ == "LiteRunner" and lite.precision_used == {"local": "int8", "augment": "fp32"}
-    models, info = ContextDescBackend._load(lite.conf)
+    models, info = ContextDescBackend._load(lite.conf, registry.resolve(lite.conf.model), lite.info["int8_path"])
     keras_backend = ContextDescBackend(lite.conf, models=models, info=info)
     assert isinstance(keras_backend.runner, ContextDescRunner)
     import cv2

@@ -72,8 +72,11 @@ POSE_THRESHOLDS_DEG = (5, 10, 20)  # relative pose accuracy thresholds (rotation
 MIN_BASELINE = 0.01  # of the camera spread: below it a true pair's translation direction is not compared
 
 
-def _angle_deg(R: np.ndarray) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+def camera_spread(views: dict) -> float:
+    """Median distance of the true camera centres to their centroid (GT units; 1 when they coincide): the scale that
+    makes position errors comparable across scenes."""
+    centers = np.array([v.center for v in views.values()])
+    return float(np.median(np.linalg.norm(centers - centers.mean(0), axis=1))) or 1.0
 
 
 def relative_pose_errors(rec, views: dict, spread: float = 1.0) -> dict:
@@ -87,6 +90,8 @@ def relative_pose_errors(rec, views: dict, spread: float = 1.0) -> dict:
     Unlike the camera positions after a similarity alignment, this sees cameras in the right place looking the wrong
     way (object rings, where a flipped camera keeps its centre) and needs no well-conditioned alignment."""
     from itertools import combinations
+
+    from ..synthetic import rotation_angle_deg
 
     poses = {}
     for i in rec.reg_image_ids():
@@ -103,7 +108,7 @@ def relative_pose_errors(rec, views: dict, spread: float = 1.0) -> dict:
         va, vb = views[a], views[b]
         R, Rg = Ra @ Rb.T, va.R @ vb.R.T
         t, tg = ta - R @ tb, va.t - Rg @ vb.t
-        er = _angle_deg(R @ Rg.T)
+        er = rotation_angle_deg(R @ Rg.T)
         et = 0.0
         if np.linalg.norm(tg) >= MIN_BASELINE * spread:
             c = float(t @ tg) / max(np.linalg.norm(t) * np.linalg.norm(tg), 1e-12)
@@ -133,8 +138,7 @@ def gt_errors(sparse: Path, views: dict | None) -> dict | None:
     from .gt import to_reconstruction
 
     gtr = to_reconstruction(views)
-    centers = np.array([v.center for v in views.values()])
-    spread = float(np.median(np.linalg.norm(centers - centers.mean(0), axis=1))) or 1.0
+    spread = camera_spread(views)
     rec = pycolmap.Reconstruction(str(sparse))
     relative = relative_pose_errors(rec, views, spread)
     try:
@@ -142,7 +146,7 @@ def gt_errors(sparse: Path, views: dict | None) -> dict | None:
     except Exception as e:  # noqa: BLE001 - too few images to align, etc.
         logger.warning("%s: no alignment to the ground truth (%s)", sparse, e)
         return {"aligned": False, "relative_pose": relative}
-    res["camera_spread"] = spread  # median distance of the true camera centres to their centroid (GT units)
+    res["camera_spread"] = spread
     if res.get("median_position_error") is not None:
         res["relative_position_error"] = res["median_position_error"] / spread
     res["relative_pose"] = relative
@@ -194,6 +198,16 @@ def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, mo
     return {"conf": asdict(conf), "scene": scene.name, "model": model, "methods": out, "absent": absent}
 
 
+def _mean_accuracy(poses: list[dict], key: str) -> dict:
+    """{threshold: mean over the scenes of ``relative_pose_errors``' ``key`` at it} (scenes without a value left
+    out; None when none has one)."""
+    out = {}
+    for th in map(str, POSE_THRESHOLDS_DEG):
+        v = [p[key][th] for p in poses if (p.get(key) or {}).get(th) is not None]
+        out[th] = float(np.mean(v)) if v else None
+    return out
+
+
 def overall(per_scene: dict[str, dict]) -> dict:
     """Per method over the scenes (see the module docstring)."""
     methods = list(dict.fromkeys(m for r in per_scene.values() for m in r["methods"]))
@@ -203,11 +217,7 @@ def overall(per_scene: dict[str, dict]) -> dict:
         gts = [r.get("gt") or {} for r in rows]
         rel = [g["relative_position_error"] for g in gts if g.get("relative_position_error") is not None]
         rot = [g["max_rotation_error_deg"] for g in gts if g.get("max_rotation_error_deg") is not None]
-        acc = {th: [g["relative_pose"]["pose_accuracy"][str(th)] for g in gts if g.get("relative_pose")]
-               for th in POSE_THRESHOLDS_DEG}
-        own = {th: [g["relative_pose"].get("registered_pose_accuracy", {}).get(str(th)) for g in gts
-                    if g.get("relative_pose")] for th in POSE_THRESHOLDS_DEG}
-        own = {th: [v for v in vs if v is not None] for th, vs in own.items()}
+        poses = [g["relative_pose"] for g in gts if g.get("relative_pose")]
 
         def mean(key):  # over the scenes with a reconstruction
             v = [r[key] for r in rows if r.get(key) is not None and r["num_images_registered"]]
@@ -223,9 +233,8 @@ def overall(per_scene: dict[str, dict]) -> dict:
                   "gt_scenes": len(rel), "gt_aligned_failed": sum(1 for g in gts if g.get("aligned") is False),
                   "median_relative_position_error": float(np.median(rel)) if rel else None,
                   "median_max_rotation_error_deg": float(np.median(rot)) if rot else None,
-                  "mean_pose_accuracy": {str(th): float(np.mean(v)) if v else None for th, v in acc.items()},
-                  "mean_registered_pose_accuracy": {str(th): float(np.mean(v)) if v else None
-                                                    for th, v in own.items()},
+                  "mean_pose_accuracy": _mean_accuracy(poses, "pose_accuracy"),
+                  "mean_registered_pose_accuracy": _mean_accuracy(poses, "registered_pose_accuracy"),
                   "seconds": {"wall": round(sum(r["seconds"]["wall"] for r in rows), 1)}}
     return out
 
@@ -257,14 +266,15 @@ def format_table(result: dict) -> str:
     for name, res in scenes.items():
         for m, r in res["methods"].items():
             gt = r.get("gt") or {}
+            rel = gt.get("relative_pose") or {}
             lines.append(f"{name:<30}{m:<13}{r['num_images_registered']:>4d}/{r['num_images_used']:<3d}"
                          f"{r['num_points3D']:9d}" + _fmt(r["mean_track_length"], ".2f", 7)
                          + _fmt(r["mean_reprojection_error"], ".3f", 8) + f"{r['num_verified_pairs']:7d}"
                          + _fmt(gt.get("median_position_error"), ".4f", 9)
                          + _fmt(gt.get("relative_position_error"), ".4f", 8)
                          + _fmt(gt.get("max_rotation_error_deg"), ".3f", 9)
-                         + _fmt((gt.get("relative_pose") or {}).get("pose_accuracy", {}).get("10"), ".3f", 8)
-                         + _fmt((gt.get("relative_pose") or {}).get("registered_pose_accuracy", {}).get("10"), ".3f", 8)
+                         + _fmt(rel.get("pose_accuracy", {}).get("10"), ".3f", 8)
+                         + _fmt(rel.get("registered_pose_accuracy", {}).get("10"), ".3f", 8)
                          + f"{r['seconds']['wall']:8.1f}")
     if "scenes" in result and len(scenes) > 1:
         for m, r in result["methods"].items():

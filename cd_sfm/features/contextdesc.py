@@ -87,12 +87,18 @@ class ContextDescBackend:
         self.conf = conf
         from ..models.runner import ContextDescRunner
 
-        lite = self._lite(conf) if models is None else None
         self.runner = None
-        if lite is not None:
-            self.runner, self.info = lite
-        elif models is None:
-            models, info = self._load(conf)
+        if models is None:
+            from ..models import registry
+            from ..models.int8 import int8_path
+
+            entry = registry.resolve(conf.model)
+            i8 = int8_path(entry.folder) if conf.precision in ("int8", "auto") else None
+            lite = self._lite(conf, entry, i8)
+            if lite is not None:
+                self.runner, self.info = lite
+            else:
+                models, info = self._load(conf, entry, i8)
         else:
             models = dict(models)
             info = dict(info or {})
@@ -129,21 +135,16 @@ class ContextDescBackend:
 
     # ---- model loading
     @staticmethod
-    def _lite(conf):
+    def _lite(conf, entry, i8):
         """``(LiteRunner, info)`` (no TensorFlow) where that runner computes what the Keras models would: the int8
-        local network without a timing probe (``runner.lite_runner_applies``), no XLA, and no regional network in use
-        (the model has no regional weights, its augmentation no visual branch, or ``regional`` is off); else None."""
+        local network ``i8`` (the model ``entry``'s up-to-date int8 file or None) without a timing probe
+        (``runner.int8_without_probe``), no XLA, and no regional network in use (the model has no regional weights,
+        its augmentation no visual branch, or ``regional`` is off); else None."""
         from ..io import read_npz
-        from ..models import registry
         from ..models.augment_numpy import GeometricAugment, has_visual_weights
-        from ..models.int8 import int8_path
-        from ..models.runner import LiteRunner, lite_runner_applies
+        from ..models.runner import LiteRunner, int8_without_probe
 
-        if conf.xla or conf.precision not in ("int8", "auto"):
-            return None
-        entry = registry.resolve(conf.model)
-        i8 = int8_path(entry.folder)
-        if not lite_runner_applies(conf.precision, i8 is not None):
+        if conf.xla or not int8_without_probe(conf.precision, i8 is not None):
             return None
         augment = None
         aug_path = entry.path("augment") if conf.augment else None
@@ -160,10 +161,10 @@ class ContextDescBackend:
         return LiteRunner(i8, augment, threads=conf.threads or None), info
 
     @staticmethod
-    def _load(conf):
+    def _load(conf, entry, i8):
+        """The Keras models of the model ``entry`` that ``conf`` uses, and its info (``int8_path``: ``i8``)."""
         from ..models import registry
 
-        entry = registry.resolve(conf.model)
         comps = ["local"]
         if conf.augment and entry.path("augment") is None:
             _warn_no_augment(entry, conf.model)
@@ -177,9 +178,7 @@ class ContextDescBackend:
         info = dict(entry.info)
         info.setdefault("name", entry.name)
         if conf.precision in ("int8", "auto"):
-            from ..models.int8 import int8_path
-
-            info["int8_path"] = int8_path(entry.folder)
+            info["int8_path"] = i8
         return models, info
 
     @staticmethod

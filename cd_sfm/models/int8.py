@@ -232,12 +232,7 @@ def int8_path(folder, local_npz=None) -> Path | None:
     except (OSError, ValueError):
         ok = False
     if not ok:
-        if str(p) not in _STALE_SAID:  # once per file: a backend may ask twice (int8 without TensorFlow, then with)
-            _STALE_SAID.add(str(p))
-            logger.warning("%s: made from other local weights than %s (or %s is missing); ignored - rerun `cd-sfm "
-                           "models quantize`", p, local_npz.name, INT8_META)
+        logger.warning("%s: made from other local weights than %s (or %s is missing); ignored - rerun `cd-sfm models "
+                       "quantize`", p, local_npz.name, INT8_META)
         return None
     return p
-
-
-_STALE_SAID: set = set()

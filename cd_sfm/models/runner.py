@@ -20,7 +20,7 @@ matrix units, or no AVX512-VNNI with TFLite as the engine: there it times int8 a
 
 :class:`LiteRunner`: where the local network runs as int8 without a probe and no regional network is in use (the
 shipped models), the int8 network and the geometric-only augmentation in numpy (``augment_numpy``), the same
-descriptors without importing TensorFlow (:func:`lite_runner_applies`; chosen by ``ContextDescBackend``).
+descriptors without importing TensorFlow (:func:`int8_without_probe`; chosen by ``ContextDescBackend``).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class _Int8Nets:
 class LiteRunner(_Int8Nets):
     """The runner of the int8 local network and the geometric-only augmentation (``augment_numpy``), without
     TensorFlow: what the shipped models need where int8 is the precision without a timing probe (see
-    :func:`lite_runner_applies`). Same interface as :class:`ContextDescRunner` (no regional model)."""
+    :func:`int8_without_probe`). Same interface as :class:`ContextDescRunner` (no regional model)."""
 
     probe = None
     float_precision = "fp32"  # the numpy augmentation
@@ -260,9 +260,10 @@ class LiteRunner(_Int8Nets):
         return self._aug(local_feat, kpt_m, kpt_xy)
 
 
-def lite_runner_applies(precision: str, int8_available: bool) -> bool:
+def int8_without_probe(precision: str, int8_available: bool) -> bool:
     """Whether ``precision`` runs the local network as int8 here with no timing probe (``int8``, or ``auto`` on a CPU
-    where int8 was measured faster): then a model without a regional network needs no TensorFlow (``LiteRunner``)."""
+    where int8 was measured faster; ``auto`` elsewhere times int8 against the float network first). Then a model
+    without a regional network needs no TensorFlow (``LiteRunner``)."""
     if not int8_available:
         return False
     return precision == "int8" or precision == "auto" and int8_measured_faster()
@@ -286,7 +287,7 @@ class ContextDescRunner(_Int8Nets):
         configure_threads(threads)
         self.precision = resolve_precision(precision, int8_path is not None)
         self.probe = None
-        if (precision == "auto" and self.precision == "int8" and not int8_measured_faster() and builders
+        if (self.precision == "int8" and not int8_without_probe(precision, True) and builders
                 and builders.get("local") is not None):
             # a CPU where int8 was not measured faster (AMX: oneDNN's bf16 on the matrix units; no VNNI): time the
             # int8 and the float local network once and keep the faster
