@@ -11,7 +11,8 @@
 #   local     the local model: fine-tuned from cd-sfm-v1 (lr 5e-4) on 50 % SfM-track pairs, 35 % scene warps, 15 % singles'
 #             warps (LOCAL_STEPS, default 3000, LOCAL_BUDGET minutes, default 150)
 #   student   the compact local model (a quarter of the multiply-adds) distilled from NAME's local model on the same
-#             mix, exported as NAME-compact (STUDENT_STEPS, default 3000, STUDENT_BUDGET minutes, default 90)
+#             mix, exported as NAME-compact (STUDENT_STEPS, default 3000, STUDENT_BUDGET minutes, default 90);
+#             STUDENT_ARCH=mini trains the smaller student (a fourteenth) into NAME-mini instead
 #   augment   augmentation pairs from the SfM reconstructions of `mine` (whole keypoint sets, track correspondences, F
 #             from the poses; held-out images validate), then the geometric augmentation network, for NAME and
 #             NAME-compact
@@ -42,13 +43,15 @@ if run local; then
     cd-sfm train export "$W/local" "$NAME" --which final
 fi
 if run student; then
-    cd-sfm train local "$W/warps.h5" "$W/student" "${MIX[@]}" --arch compact --teacher "$NAME" --loss triplet \
+    SA="${STUDENT_ARCH:-compact}"
+    SW="$W/student"; [ "$SA" = compact ] || SW="$W/student-$SA"
+    cd-sfm train local "$W/warps.h5" "$SW" "${MIX[@]}" --arch "$SA" --teacher "$NAME" --loss triplet \
         --batch 256 --steps "${STUDENT_STEPS:-3000}" --val-every 250 --ckpt-every 50 \
         --time-budget "${STUDENT_BUDGET:-90}"
-    cd-sfm train export "$W/student" "$NAME-compact" --which final
+    cd-sfm train export "$SW" "$NAME-$SA" --which final
 fi
 if run augment; then
-    for M in "$NAME" "$NAME-compact"; do
+    for M in "$NAME" "$NAME-compact" "$NAME-mini"; do
         [ -d "cd_sfm/weights/$M" ] || continue
         [ -f "$W/sfm_pairs_$M.h5" ] || cd-sfm train mine-sfm-pairs "$W/sfm_pairs_$M.h5" "$W"/sfm/* \
             --val-from "$W/tracks.h5" --local "$M" --pairs-per-scene 12 --val-pairs-per-scene 3
@@ -58,7 +61,7 @@ if run augment; then
     done
 fi
 if run int8; then
-    for M in "$NAME" "$NAME-compact"; do
+    for M in "$NAME" "$NAME-compact" "$NAME-mini"; do
         [ -d "cd_sfm/weights/$M" ] && cd-sfm models quantize "$M" --patches "$W/warps.h5"
     done
 fi

@@ -63,8 +63,9 @@ def cmd_list(args=None) -> int:
     for m in list_models():
         present.add(m.name)
         comps = "+".join(m.components) or "(no weights yet)"
-        if m.info.get("local_arch") == "compact":  # the student layout (a quarter of the multiply-adds)
-            comps = comps.replace("local", "local (compact)", 1)
+        arch = m.info.get("local_arch", "official")
+        if arch != "official":  # a student layout (compact: a quarter of the multiply-adds, mini: a fourteenth)
+            comps = comps.replace("local", f"local ({arch})", 1)
         from ..models.int8 import INT8_FILE, int8_path
 
         if m.components and (m.folder / INT8_FILE).is_file():

@@ -74,7 +74,7 @@ class TrainConf:
     jit: bool = False
     max_train_pairs: int = 0  # 0 = all
     upright: bool = False
-    arch: str = "official"  # local layout: official (the authors', for imported weights too) or compact (a student)
+    arch: str = "official"  # local layout (models.local.ARCHS): official (the authors', imported weights), compact, mini
     teacher: str = ""  # local weights (.npz, model name or folder) to distil from: its descriptors and matchability
     distill_weight: float = 1.0  # weight of the distillation terms next to the descriptor / matchability losses
     init: str = ""  # start from these local weights (.npz, model name or folder; same arch) instead of random ones
@@ -623,8 +623,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="share of each batch from each --data-extra, in the same order (0 or none: the natural "
                         "share of all pairs)")
     p.add_argument("--upright", action="store_true", help="record the model as upright (mine with --upright too)")
-    p.add_argument("--arch", default=d.arch, choices=["official", "compact"],
-                   help="local layout: official (the authors') or compact (a student, about 4x fewer multiply-adds)")
+    # the names of models.local.ARCHS, written out: building the parser imports no TensorFlow
+    p.add_argument("--arch", default=d.arch, choices=["official", "compact", "mini"],
+                   help="local layout: official (the authors'), compact (a student, about 4x fewer multiply-adds) or "
+                        "mini (about 14x fewer)")
     p.add_argument("--teacher", default="", help="distil from these local weights (.npz, model name or folder)")
     p.add_argument("--distill-weight", type=float, default=d.distill_weight)
     p.add_argument("--init", default="", help="fine-tune: start a new run from these local weights (.npz, model name "
