@@ -85,6 +85,17 @@ def test_compact_student_distils_exports_and_runs(mined, tmp_path):
     assert (out / "student" / "local_int8.tflite").is_file() and meta["agreement_on_held_out"]["cosine_mean"] > 0.9
 
 
+def test_arch_choices_are_the_layouts():
+    """``--arch`` offers exactly the layouts of ``models.local.ARCHS`` (written out so that the parser imports no
+    TensorFlow), and each student is smaller than the one before it."""
+    from cd_sfm.models import local
+
+    action = next(a for a in tl.build_parser()._actions if a.dest == "arch")
+    assert list(action.choices) == list(local.ARCHS)
+    macs = [local.multiply_adds(a) for a in action.choices]
+    assert macs == sorted(macs, reverse=True) and macs[-1] < 3e6
+
+
 def test_fine_tune_starts_from_given_weights(mined, tmp_path):
     """--init: a new run starts from the given weights (step 0 = them), and a resumed run keeps its own."""
     from cd_sfm.models import registry
