@@ -101,6 +101,19 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
     assert res["meta"]["kind"] == "pairs" and res["meta"]["model"]["name"]
     assert "AUC@10" in capsys.readouterr().out
 
+    # scripts/compare_pairs.py: the file's own AUCs, and a paired interval of zero width for a method against itself
+    cmp = _script("compare_pairs")
+    same = cmp.compare(cmp.load(f"{out}:rootsift")[1], cmp.load(f"{out}:rootsift")[1], resamples=50)
+    assert same["pairs"] == 6 and all(r["diff"] == r["lo"] == r["hi"] == 0 for r in same["rows"])
+    other = cmp.compare(cmp.load(f"{out}:rootsift")[1], cmp.load(f"{out}:contextdesc")[1], resamples=50)
+    auc10 = next(r for r in other["rows"] if r["metric"] == "AUC@10")
+    assert auc10["a"] == pytest.approx(100 * r["auc"]["10"], abs=1e-6)
+    assert auc10["b"] == pytest.approx(100 * res["methods"]["contextdesc"]["auc"]["10"], abs=1e-6)
+    assert auc10["lo"] <= auc10["diff"] <= auc10["hi"]
+    assert cmp.main([f"{out}:local", str(out)]) == 0 and "95 % interval" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no method 'sift'"):
+        cmp.load(f"{out}:sift")
+
     sout = tmp_path / "sfm.json"
     assert main(["eval", "sfm", "synth", "--data", data, "--model", str(models / "noaug"), "--methods",
                  "rootsift,contextdesc", "--max-keypoints", "500", "--output", str(sout),
@@ -156,22 +169,28 @@ def test_relative_pose_errors_see_a_flipped_camera_and_a_missing_one(scene):
     assert missing["registered_pose_accuracy"]["5"] == 1.0 and flipped["registered_pose_accuracy"]["5"] == 0.5
 
 
-def test_compare_mappers_script(scene, tmp_path, capsys):
-    """``scripts/compare_mappers.py`` on a reconstruction of the synthetic scene: both mappers' models, judged
-    against its ground truth, and the one the pipeline's rule keeps."""
+def _script(name: str):
+    """A module of ``scripts/`` (not a package), imported from its file."""
     import importlib.util
     from pathlib import Path
 
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_mappers_script(scene, tmp_path, capsys):
+    """``scripts/compare_mappers.py`` on a reconstruction of the synthetic scene: both mappers' models, judged
+    against its ground truth, and the one the pipeline's rule keeps."""
     from cd_sfm.pipeline import reconstruct
 
     out = tmp_path / "out"
     reconstruct(scene / "images", out, {"features": "rootsift", "features_options": {"max_keypoints": 500,
                                                                                  "contrast_threshold": 0.04}},
                 progress=False)
-    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_mappers.py"
-    spec = importlib.util.spec_from_file_location("compare_mappers", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("compare_mappers")
     assert mod.main([str(out), "--json", str(tmp_path / "m.json")]) == 0
     (r,) = json.loads((tmp_path / "m.json").read_text())
     assert r["ground_truth"] and set(r["mappers"]) == {"incremental", "global"}
