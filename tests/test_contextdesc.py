@@ -177,8 +177,9 @@ def test_import_list_check(home, official_graphs, capsys, image):
 
     rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
     assert "(default)" in rows[DEFAULT_MODEL] and "(default)" not in rows["mine"]
-    if "cd-sfm-v2-compact" in rows:  # the shipped student says its layout
-        assert "local (compact)" in rows["cd-sfm-v2-compact"] and "compact" not in rows["cd-sfm-v1"]
+    for student, arch in (("cd-sfm-v2-compact", "compact"), ("cd-sfm-v2-mini", "mini")):  # the students say their layout
+        if student in rows:
+            assert f"local ({arch})" in rows[student] and "local (" not in rows["cd-sfm-v1"]
     # the wired CLI: `cd-sfm models check NAME`
     from cd_sfm.cli import main
 

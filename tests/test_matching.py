@@ -321,6 +321,10 @@ def test_presets_screen_by_default_accurate_is_exact():
     assert opts("fast")["screen"] == "auto"
     assert opts("accurate")["screen"] == 0 and opts("accurate")["cross_ratio"]
     assert opts("default", matching_options={"screen": 0})["screen"] == 0
+    # the accurate preset also takes the full-size local network instead of the default student
+    from cd_sfm.models import registry
+
+    assert config.load_config("accurate")["model"] == registry.FULL_MODEL and config.load_config("default")["model"] is None
 
 
 @pytest.mark.shared

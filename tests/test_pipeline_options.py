@@ -318,7 +318,7 @@ def test_wheel_holds_the_presets(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("default", "fast", "accurate", "large"):
         assert f"cd_sfm/configs/{name}.yaml" in names
-    for name in ("split.yaml", *(f"weights/{m}/{f}" for m in ("cd-sfm-v1", "cd-sfm-v2", registry.DEFAULT_MODEL)
+    for name in ("split.yaml", *(f"weights/{m}/{f}" for m in ("cd-sfm-v1", "cd-sfm-v2", "cd-sfm-v2-compact", registry.DEFAULT_MODEL)
                                  for f in ("info.json", "local.npz", "augment.npz", "local_int8.tflite",
                                            "local_int8.json"))):
         assert f"cd_sfm/{name}" in names

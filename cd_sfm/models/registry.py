@@ -27,7 +27,7 @@ from ..io import CdSfmError, hash_file, read_npz
 logger = logging.getLogger(__name__)
 
 ENV_HOME = "CD_SFM_HOME"
-DEFAULT_MODEL = "cd-sfm-v2-compact"  # what extraction uses unless told: the compact student (README "Speed")
+DEFAULT_MODEL = "cd-sfm-v2-mini"  # what extraction uses unless told: the smallest student (README "Speed")
 FULL_MODEL = "cd-sfm-v1"  # the shipped model with the official local layout: the training tools' default base
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 COMPONENTS = ("local", "augment", "regional")
@@ -217,7 +217,7 @@ def load_keras_models(entry: ModelInfo, components=COMPONENTS, visual: bool | No
         if path is None:
             continue
         if comp == "local":
-            model = load_local_model(path)  # any width (official layout, or a compact student)
+            model = load_local_model(path)  # any width (official layout, or a compact / mini student)
         elif comp == "regional":
             model = build_regional_model()
             load_weights_npz(model, path)

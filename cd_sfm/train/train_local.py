@@ -396,7 +396,7 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
                       + " of the TRAIN scenes of cd_sfm/split.yaml",
         "train_scenes": scenes,
         "train_images": len(image_names),
-        "val_images": [_rel_data(n) for n in val_images],
+        "val_images": list(dict.fromkeys(_rel_data(n) for n in val_images)),  # files may name one image two ways
         "split": split,
         "loss": conf.loss + (" (scale-aware)" if conf.loss == "npair" and conf.scale_aware else ""),
         "steps": step,
