@@ -378,11 +378,12 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path):
     assert s["features_reused"] >= kept and s["num_images_registered"] == 12
 
 
-@pytest.mark.slow  # ~30-60 s: ContextDesc on 8 images, then a real SIGKILL
+@pytest.mark.slow  # ~30-60 s: ContextDesc on 12 images, then a real SIGKILL
 def test_sigkill_loses_at_most_seconds_of_contextdesc_work(tmp_path):
-    scene = render_scene(tmp_path / "scene", num_images=8, num_points=200, width=640, height=480, patch_radius=12)
+    scene = render_scene(tmp_path / "scene", num_images=12, num_points=200, width=640, height=480, patch_radius=12)
     out = tmp_path / "out"
-    proc = _start(["extract", scene.image_dir, out, "--max-keypoints", "2048", "-q"])
+    # the full-size model: the default student finishes 8 such images before the kill can land mid-run
+    proc = _start(["extract", scene.image_dir, out, "--max-keypoints", "2048", "--model", "cd-sfm-v1", "-q"])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and _done_in_parts(out) < 5:
         time.sleep(0.05)
