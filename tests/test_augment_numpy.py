@@ -129,17 +129,18 @@ def test_default_reconstruction_never_imports_tensorflow(tmp_path):
         from pathlib import Path
         from cd_sfm.synthetic import render_scene
         from cd_sfm.pipeline import reconstruct
-        scene = render_scene(Path({str(tmp_path)!r}) / "scene", num_images=6, num_points=200, width=640, height=480,
-                             patch_radius=12)
+        scene = render_scene(Path({str(tmp_path)!r}) / "scene", num_images=6)  # the demo's scene, 6 views
         s = reconstruct(scene.image_dir, Path({str(tmp_path)!r}) / "out",
-                        {{"features_options": {{"precision": "int8"}}}}, progress=False)
+                        {{"camera_mode": "single", "features_options": {{"precision": "int8"}}}}, progress=False)
         print(json.dumps({{"registered": s["num_images_registered"], "precision": s.get("precision"),
                           "tf": sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))}}))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["tf"] == [] and out["registered"] >= 4, out  # the point is the imports; 6 / 6 here
+    # the demo's scene: 6 / 6 in every run (the smaller 200-point scene used before registered 2-6 of 6 from run to run:
+    # its incremental model's agreement sat near the 0.8 threshold for both shipped students)
+    assert out["tf"] == [] and out["registered"] == 6, out
 
     # the same features from the TensorFlow runner
     import h5py
