@@ -529,10 +529,13 @@ def format_summary(s: dict) -> str:
     ]
     tried = s.get("mapping_tried") or []
     if len(tried) > 1:
+        from .colmap.mapping import MIN_AGREEMENT
+
         lines.append("Mapping tried " + "; ".join(
             f"{t['mapper']} {t['registered']} images, {t.get('points', 0)} points (agreement "
             f"{'n/a' if t['agreement'] is None else format(t['agreement'], '.2f')})" for t in tried)
-            + f" -> kept {s.get('mapper_used')} (trusted: agreement >= 0.8; more images only with more points)")
+            + f" -> kept {s.get('mapper_used')} (trusted: agreement >= {MIN_AGREEMENT:g}; more images only "
+            "with more points)")
     if s.get("unregistered"):
         more = f" (+{len(s['unregistered']) - 5} more)" if len(s["unregistered"]) > 5 else ""
         lines.append("Not registered: " + ", ".join(s["unregistered"][:5]) + more)

@@ -107,7 +107,7 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
     assert same["pairs"] == 6 and all(r["diff"] == r["lo"] == r["hi"] == 0 for r in same["rows"])
     other = cmp.compare(cmp.load(f"{out}:rootsift")[1], cmp.load(f"{out}:contextdesc")[1], resamples=50)
     auc10 = next(r for r in other["rows"] if r["metric"] == "AUC@10")
-    assert auc10["a"] == pytest.approx(100 * r["auc"]["10"], abs=1e-6)
+    assert auc10["a"] == pytest.approx(100 * res["methods"]["rootsift"]["auc"]["10"], abs=1e-6)
     assert auc10["b"] == pytest.approx(100 * res["methods"]["contextdesc"]["auc"]["10"], abs=1e-6)
     assert auc10["lo"] <= auc10["diff"] <= auc10["hi"]
     assert cmp.main([f"{out}:local", str(out)]) == 0 and "95 % interval" in capsys.readouterr().out

@@ -85,6 +85,21 @@ def test_compact_student_distils_exports_and_runs(mined, tmp_path):
     assert (out / "student" / "local_int8.tflite").is_file() and meta["agreement_on_held_out"]["cosine_mean"] > 0.9
 
 
+def test_meta_counts_an_image_named_two_ways_once(tmp_path):
+    """Mined files name images relative or absolute (warps vs SfM tracks of the same scene): the export's image count
+    and held-out list name each image once."""
+    import h5py
+
+    for name, prefix in (("warps.h5", "../shared/data"), ("tracks.h5", "/work/shared/data")):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.attrs["image_names"] = json.dumps([f"{prefix}/s/images/{i}.jpg" for i in "abc"])
+            f.attrs["val_images"] = json.dumps([f"{prefix}/s/images/c.jpg"])
+    conf = tl.TrainConf(data=str(tmp_path / "warps.h5"), run_dir=str(tmp_path / "run"),
+                        data_extra=[str(tmp_path / "tracks.h5")], extra_ratio=[0.5])
+    meta = tl._meta(conf, 0, None, "test")
+    assert meta["train_images"] == 3 and meta["val_images"] == ["s/images/c.jpg"] and meta["train_scenes"] == ["s"]
+
+
 def test_arch_choices_are_the_layouts():
     """``--arch`` offers exactly the layouts of ``models.local.ARCHS`` (written out so that the parser imports no
     TensorFlow), and each student is smaller than the one before it."""

@@ -375,9 +375,11 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
 
     split = load_split(SPLIT_FILE) if SPLIT_FILE.exists() else None
     files = _data_attrs(conf)
-    image_names = sorted({n for _, a in files for n in json.loads(a.get("image_names", "[]"))})
-    val_images = sorted({n for _, a in files for n in json.loads(a.get("val_images", "[]"))})
-    scenes = sorted({_scene_of(n) for n in image_names})
+    names = {n for _, a in files for n in json.loads(a.get("image_names", "[]"))}
+    scenes = sorted({_scene_of(n) for n in names})
+    # one name per image (mined files name the same image relative or absolute)
+    num_images = len({_rel_data(n) for n in names})
+    val_images = sorted({_rel_data(n) for _, a in files for n in json.loads(a.get("val_images", "[]"))})
     ratios = extra_ratios(conf)
     shares = [None if not any(ratios) else 1 - sum(ratios)] + [r if any(ratios) else None for r in ratios]
     return {
@@ -395,8 +397,8 @@ def _meta(conf: TrainConf, step: int, val_metrics: dict | None, source: str) -> 
         "trained_on": " + ".join(_describe_data(p, a, sh) for (p, a), sh in zip(files, shares))
                       + " of the TRAIN scenes of cd_sfm/split.yaml",
         "train_scenes": scenes,
-        "train_images": len(image_names),
-        "val_images": list(dict.fromkeys(_rel_data(n) for n in val_images)),  # files may name one image two ways
+        "train_images": num_images,
+        "val_images": val_images,
         "split": split,
         "loss": conf.loss + (" (scale-aware)" if conf.loss == "npair" and conf.scale_aware else ""),
         "steps": step,
