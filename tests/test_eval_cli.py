@@ -117,8 +117,12 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
     sout = tmp_path / "sfm.json"
     assert main(["eval", "sfm", "synth", "--data", data, "--model", str(models / "noaug"), "--methods",
                  "rootsift,contextdesc", "--max-keypoints", "500", "--output", str(sout),
-                 "--work-dir", str(tmp_path / "work"), "-q"]) == 0
+                 "--work-dir", str(tmp_path / "work"), "--ratio", "0.85", "-q"]) == 0
     sres = json.loads(sout.read_text())
+    import yaml
+
+    used = yaml.safe_load((tmp_path / "work" / "synth" / "rootsift" / "config.yaml").read_text())
+    assert used["matching_options"]["ratio"] == 0.85 and used["matching_options"]["cross_ratio"] is True
     assert list(sres["methods"]) == ["rootsift"] and "contextdesc" in sres["absent"]
     s = sres["scenes"]["synth"]["methods"]["rootsift"]
     assert s["num_images_registered"] >= 3 and s["num_points3D"] > 50 and s["gt"]["aligned"]

@@ -76,6 +76,31 @@ def test_estimate_pose_synthetic_rig():
     assert d[np.setdiff1d(np.arange(len(x0)), bad)].max() < 1e-6 and np.median(d[bad]) > 1
 
 
+def test_estimate_pose_survives_repeated_points():
+    # a location matched several times (SIFT gives one location several orientations) made OpenCV's five-point
+    # solver assert inside RANSAC ("solvePoly"), which stopped a whole `eval pairs` run at ratio 0.95
+    import cv2
+
+    x0, x1, K, R, t = _rig(0, n=60)
+    rng = np.random.default_rng(0)
+    x1 = x1.copy()
+    bad = rng.choice(60, 40, replace=False)
+    x1[bad] = rng.uniform(0, 640, (40, 2))
+    src = rng.choice(60, 5, replace=False)
+    x0d = np.r_[x0, rng.uniform(0, 640, (10, 2))]
+    x1d = np.r_[x1, np.repeat(x1[src], 2, axis=0)]  # 5 points of image 1 matched twice more
+    n0 = cv2.undistortPoints(x0d.reshape(-1, 1, 2), K, None).reshape(-1, 2)
+    n1 = cv2.undistortPoints(x1d.reshape(-1, 1, 2), K, None).reshape(-1, 2)
+    cv2.setRNGSeed(0)
+    with pytest.raises(cv2.error):  # the failure itself, so that this test keeps testing something
+        cv2.findEssentialMat(n0, n1, np.eye(3), threshold=1 / 805, prob=0.99999, method=cv2.RANSAC)
+    keep = P.unique_correspondences(x0d, x1d)
+    assert len(keep) == 60 and (keep == np.arange(60)).all()  # the first of each repeated point is kept
+    Re, te, inl = P.estimate_pose(x0d, x1d, K, K, seed=0)
+    assert len(inl) == len(x0d) and not inl[60:].any()
+    assert max(P.pose_error(Re, te, R, t)) < 2.0
+
+
 def test_undistort_matches_pinhole():
     pycolmap = pytest.importorskip("pycolmap")
     cam = pycolmap.Camera(model="SIMPLE_RADIAL", width=640, height=480, params=[800.0, 320.0, 240.0, 0.05])

@@ -138,7 +138,7 @@ def cmd_sfm(args) -> int:
     methods = parse_methods(args.methods)
     work = Path(args.work_dir) if args.work_dir else Path(args.output or ".").resolve().parent / "sfm-work"
     conf = sfm.SfmEvalConf(max_keypoints=args.max_keypoints, max_image_size=args.max_size,
-                           overwrite=not args.resume, seed=args.seed)
+                           overwrite=not args.resume, seed=args.seed, ratio=args.ratio)
     t = time.perf_counter()
     result = sfm.evaluate_sfm_scenes(scenes, methods, work, args.model, conf, unusable)
     result["meta"] = meta("sfm", args, time.perf_counter() - t)
@@ -218,6 +218,7 @@ def add_parser(subparsers):
     _common(s, "eval-sfm.json", 1600)
     s.add_argument("--work-dir", help="where the reconstructions go (default: sfm-work next to the JSON)")
     s.add_argument("--resume", action="store_true", help="reuse features / matches already in the work folder")
+    s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sfm)
 

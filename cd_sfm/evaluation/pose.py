@@ -114,15 +114,33 @@ def pose_auc(errors, thresholds=AUC_THRESHOLDS) -> list[float]:
     return aucs
 
 
+def unique_correspondences(x0, x1) -> np.ndarray:
+    """Indices of the correspondences whose point repeats no earlier one's in either image (SIFT gives one location
+    several orientations, so a location can be matched twice): RANSAC on exact duplicates draws degenerate samples."""
+    x0, x1 = np.asarray(x0), np.asarray(x1)
+    if not len(x0):
+        return np.zeros(0, np.int64)
+    _, i0 = np.unique(x0, axis=0, return_index=True)
+    _, i1 = np.unique(x1, axis=0, return_index=True)
+    return np.intersect1d(i0, i1)
+
+
 def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999, seed: int = 0):
-    """(R, t, inlier mask) of cam1_from_cam0 from pixel correspondences, or None with fewer than 5 matches / no E."""
-    if len(x0) < 5:
+    """(R, t, inlier mask) of cam1_from_cam0 from pixel correspondences, or None with fewer than 5 matches / no E.
+    Correspondences repeating a point (:func:`unique_correspondences`) are left out of RANSAC (not inliers): OpenCV's
+    five-point solver asserts on such samples."""
+    keep = unique_correspondences(x0, x1)
+    if len(keep) < 5:
         return None
     f_mean = np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]])
-    n0 = cv2.undistortPoints(np.asarray(x0, np.float64).reshape(-1, 1, 2), K0, None).reshape(-1, 2)
-    n1 = cv2.undistortPoints(np.asarray(x1, np.float64).reshape(-1, 1, 2), K1, None).reshape(-1, 2)
+    n0 = cv2.undistortPoints(np.asarray(x0, np.float64)[keep].reshape(-1, 1, 2), K0, None).reshape(-1, 2)
+    n1 = cv2.undistortPoints(np.asarray(x1, np.float64)[keep].reshape(-1, 1, 2), K1, None).reshape(-1, 2)
     cv2.setRNGSeed(int(seed))
-    E, mask = cv2.findEssentialMat(n0, n1, np.eye(3), threshold=thresh_px / f_mean, prob=conf, method=cv2.RANSAC)
+    try:
+        E, mask = cv2.findEssentialMat(n0, n1, np.eye(3), threshold=thresh_px / f_mean, prob=conf, method=cv2.RANSAC)
+    except cv2.error as e:  # any other degenerate input: no pose, as with too few matches
+        logger.warning("findEssentialMat failed on %d correspondences: %s", len(keep), str(e).strip().splitlines()[-1])
+        return None
     if E is None or mask is None:
         return None
     best = None
@@ -133,7 +151,9 @@ def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999,
             best = (n, R, t.ravel(), mask.ravel() > 0)
     if best is None:
         return None
-    return best[1], best[2], best[3]
+    inliers = np.zeros(len(x0), bool)
+    inliers[keep] = best[3]
+    return best[1], best[2], inliers
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -44,12 +44,17 @@ class SfmEvalConf:
     max_image_size: int = 1600
     overwrite: bool = True  # recompute features and matches (times are then comparable)
     seed: int = 0
+    ratio: float | None = None  # ratio test of the matching; None: the pipeline's default
 
 
 def method_config(method: str, model: str, conf: SfmEvalConf) -> dict | None:
     """Pipeline config of a method; None when the model cannot provide it (contextdesc without augment weights)."""
     det = {"max_keypoints": conf.max_keypoints, "contrast_threshold": conf.contrast_threshold}
     base = {"max_image_size": conf.max_image_size, "seed": conf.seed}
+    if conf.ratio is not None:
+        from ..config import DEFAULTS
+
+        base["matching_options"] = {**DEFAULTS["matching_options"], "ratio": float(conf.ratio)}
     if method == "rootsift":
         return {**base, "features": "rootsift", "features_options": det}
     if method in ("local", "contextdesc"):
