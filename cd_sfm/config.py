@@ -27,9 +27,7 @@ Keys:
   (``name0 name1`` lines), or a union of these joined by ``+`` (``retrieval+sequential``; repeated pairs dropped).
   ``retrieval``: the global descriptor, ``regional`` (GeM of the regional ResNet50, needs its weights), ``local``
   (VLAD of the images' own local descriptors) or ``auto`` (regional when its weights are available, else local).
-* ``matching``: a preset of :data:`cd_sfm.matching.confs`, or ``auto`` (the default: the features' own,
-  :data:`cd_sfm.matching.AUTO_PRESETS`: ``NN-ratio`` (Lowe's 0.8) for SIFT / RootSIFT, ``NN-ratio-0.9`` for ContextDesc);
-  ``matching_options``: overrides (keys of
+* ``matching``: a preset of :data:`cd_sfm.matching.confs`; ``matching_options``: overrides (keys of
   :data:`cd_sfm.matching.DEFAULT_CONF`, e.g. ``{ratio: 0.9}``); by default ``cross_ratio``: the ratio test both
   ways, as COLMAP's cross check (fewer wrong matches on repeated structures: on sacre_coeur with SIFT it turned a
   seed-dependent 3-of-10 registration into 10 of 10), and ``screen: auto``: from 6144 keypoints a pair is first
@@ -85,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "overlap": 10,
     "num_neighbors": 20,
     "retrieval": "auto",
-    "matching": "auto",
+    "matching": "NN-ratio",
     "matching_options": {"cross_ratio": True, "screen": "auto"},
     "camera_mode": "auto",
     "camera_model": "SIMPLE_RADIAL",
@@ -192,12 +190,11 @@ class MatchingSettings:
     matching: str = DEFAULTS["matching"]
     options: dict = field(default_factory=lambda: dict(DEFAULTS["matching_options"]))
 
-    def matcher_conf(self, features: str | dict | None = None) -> dict:
-        """The conf of :func:`cd_sfm.matching.main`: the preset with the overrides; ``features`` (the feature preset)
-        decides what ``auto`` means (:func:`cd_sfm.matching.auto_preset`)."""
+    def matcher_conf(self) -> dict:
+        """The conf of :func:`cd_sfm.matching.main`: the preset with the overrides."""
         from .matching import resolve_conf
 
-        return {**resolve_conf(self.matching, features), **self.options}
+        return {**resolve_conf(self.matching), **self.options}
 
 
 @dataclass(frozen=True)
@@ -404,8 +401,7 @@ def _feature_preset(v):
 def _matching_preset(v):
     from .matching import confs
 
-    return None if isinstance(v, str) and (v in confs or v == "auto") else \
-        f"unknown matching preset; available: auto, {', '.join(sorted(confs))}"
+    return None if isinstance(v, str) and v in confs else f"unknown matching preset; available: {', '.join(sorted(confs))}"
 
 
 def _camera_model(v):

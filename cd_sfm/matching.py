@@ -49,20 +49,6 @@ confs: dict[str, dict] = {
     "NN-mutual": {"output": "matches-NN-mutual", "ratio": None, "mutual": True, "distance_threshold": None},
 }
 
-# ``matching: auto`` (the pipeline's default): the preset of each feature backend. Lowe's 0.8 is COLMAP's value for SIFT;
-# learned descriptors have flatter distance distributions: 0.9 was chosen for ContextDesc on TRAIN scenes only
-# (docs/training.md "Matching ratio"), never on EVAL scenes.
-AUTO = "auto"
-AUTO_PRESETS = {"sift": "NN-ratio", "rootsift": "NN-ratio", "contextdesc": "NN-ratio-0.9"}
-
-
-def auto_preset(features: str | dict | None) -> str:
-    """The matching preset of ``matching: auto`` for a feature preset name or conf (its backend decides)."""
-    from .features.extract import resolve_conf as resolve_features
-
-    return AUTO_PRESETS.get(resolve_features(features)["backend"], "NN-ratio")
-
-
 SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
 SCREEN_ENERGY = 0.7  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
 SCREEN_MIN_KEYPOINTS = 6144  # smaller sets are matched exactly: the screen would not pay
@@ -85,13 +71,9 @@ DEFAULT_CONF = {
 }
 
 
-def resolve_conf(conf: dict | str | None, features: str | dict | None = None) -> dict:
-    """A preset name or a (partial) conf -> a complete conf (a copy); ``auto`` is the preset of the ``features`` preset
-    (:func:`auto_preset`)."""
+def resolve_conf(conf: dict | str | None) -> dict:
     if conf is None:
         conf = "NN-ratio"
-    if conf == AUTO:
-        conf = auto_preset(features)
     if isinstance(conf, str):
         if conf not in confs:
             raise CdSfmError(f"unknown matching preset {conf!r}; available: {', '.join(sorted(confs))}")

@@ -334,8 +334,8 @@ def run_match(out_dir: str | Path, conf: dict, overwrite: bool = False, progress
     if not (out_dir / PAIRS).exists():
         raise CdSfmError(f"{out_dir / PAIRS}: pair file not found (run the pairs stage first)")
     with ray_session(conf) as executor:
-        return matching.main(conf.matching.matcher_conf(conf.features.features), out_dir / PAIRS, out_dir / FEATURES,
-                             out_dir / MATCHES, overwrite=overwrite, progress=progress, executor=executor)
+        return matching.main(conf.matching.matcher_conf(), out_dir / PAIRS, out_dir / FEATURES, out_dir / MATCHES,
+                             overwrite=overwrite, progress=progress, executor=executor)
 
 
 @locked

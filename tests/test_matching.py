@@ -314,7 +314,8 @@ def test_presets_screen_by_default_accurate_is_exact():
 
     def opts(preset, **over):
         conf = config.resolve({**config.load_config(preset), **over})
-        return matching.match_options(conf.matching.matcher_conf(conf["features"]))
+        return matching.match_options(matching.resolve_conf({**matching.confs[conf["matching"]],
+                                                             **conf["matching_options"]}))
 
     assert opts("default")["screen"] == "auto" and opts("default")["cross_ratio"]
     assert opts("fast")["screen"] == "auto"

@@ -150,9 +150,9 @@ def test_presets_are_valid():
     for name in names:
         conf = config_mod.load_config(name)
         assert conf["features"] in extract.confs
-        assert conf["matching"] in matching.confs or conf["matching"] == matching.AUTO
+        assert conf["matching"] in matching.confs
         conf.features.extraction_conf()
-        conf.matching.matcher_conf(conf["features"])
+        conf.matching.matcher_conf()
         verify.two_view_options(conf["verification"])
         opts = mapping.pipeline_options({"mapper": "incremental", "options": conf["incremental_options"]})
         assert isinstance(opts, pycolmap.IncrementalPipelineOptions)
@@ -163,24 +163,6 @@ def test_presets_are_valid():
         assert conf["camera_mode"] in ("auto", "single", "per-folder", "per-image")
         assert set(pipeline.pair_sources(conf["pairs"])) <= set(pipeline.PAIR_METHODS)
         assert pipeline.prepare_conf(conf)["mapper"] in mapping.MAPPERS
-
-
-def test_matching_auto_follows_the_features():
-    from cd_sfm import matching
-
-    conf = config_mod.resolve({})
-    assert conf["matching"] == "auto" and conf["features"] == "contextdesc"
-    ratio = {f: conf.matching.matcher_conf(f)["ratio"] for f in ("sift", "rootsift", "rootsift-fast", "contextdesc",
-                                                                  "contextdesc-fast")}
-    assert ratio == {"sift": 0.8, "rootsift": 0.8, "rootsift-fast": 0.8, "contextdesc": 0.9, "contextdesc-fast": 0.9}
-    assert conf.matching.matcher_conf("contextdesc")["cross_ratio"] is True  # the options still apply
-    assert matching.resolve_conf("auto", {"backend": "contextdesc"})["ratio"] == 0.9  # a conf dict decides too
-    named = config_mod.resolve({"matching": "NN-ratio"})
-    assert named.matching.matcher_conf("contextdesc")["ratio"] == 0.8  # a named preset is kept
-    given = config_mod.resolve({"matching_options": {"ratio": 0.7}})
-    assert given.matching.matcher_conf("contextdesc")["ratio"] == 0.7  # and an explicit ratio wins
-    with pytest.raises(CdSfmError, match="unknown matching preset; available: auto, "):
-        config_mod.resolve({"matching": "NN-bogus"})
 
 
 def test_config_precedence_and_errors(tmp_path):

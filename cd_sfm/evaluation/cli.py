@@ -208,8 +208,7 @@ def add_parser(subparsers):
     s.add_argument("--max-pairs", type=int, default=40,
                    help="at most this many of them per scene, evenly spaced over the sorted pairs (0: all; default 40)")
     s.add_argument("--ransac-px", type=float, default=1.0, help="RANSAC threshold of the essential matrix (pixels)")
-    s.add_argument("--ratio", type=float, help="ratio test of every method (default: the pipeline's for each "
-                                                "method's features, matching auto)")
+    s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_pairs)
 
@@ -219,8 +218,7 @@ def add_parser(subparsers):
     _common(s, "eval-sfm.json", 1600)
     s.add_argument("--work-dir", help="where the reconstructions go (default: sfm-work next to the JSON)")
     s.add_argument("--resume", action="store_true", help="reuse features / matches already in the work folder")
-    s.add_argument("--ratio", type=float, help="ratio test of every method (default: the pipeline's for each "
-                                                "method's features, matching auto)")
+    s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sfm)
 

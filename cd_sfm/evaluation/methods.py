@@ -27,7 +27,6 @@ from .hpatches import rootsift
 logger = logging.getLogger(__name__)
 
 METHODS = ("rootsift", "local", "contextdesc")
-FEATURES = {"rootsift": "rootsift", "local": "contextdesc", "contextdesc": "contextdesc"}  # the pipeline's preset
 
 
 def parse_methods(text: str | list[str] | None) -> list[str]:

@@ -12,8 +12,7 @@ whole scene), so that a 24-image scene with 180 candidate pairs costs no more th
 
 Per pair and method: SIFT keypoints (:func:`detect_sift`, the ContextDesc settings; mapped back to the stored image
 when it is downscaled, and undistorted with the ground-truth camera) on both images, each descriptor on
-those keypoints, the pipeline's default matching of those features (mutual nearest neighbour, Lowe's ratio both ways:
-0.8 for RootSIFT, 0.9 for ContextDesc, ``matching: auto``; ``ratio`` sets one for all), then the
+those keypoints, the pipeline's default matching (mutual nearest neighbour, Lowe's ratio 0.8 both ways), then the
 essential matrix from the matches in normalised camera coordinates with ``cv2.findEssentialMat`` (RANSAC,
 threshold ``ransac_px`` pixels divided by the mean focal length, confidence 0.99999, ``cv2.setRNGSeed(seed)`` before
 each call) and ``cv2.recoverPose`` (the candidate E with most inliers wins), as SuperGlue's evaluation does.
@@ -61,7 +60,7 @@ class PoseConf:
     ransac_conf: float = 0.99999
     epi_px: float = 1.0  # Sampson distance for a correct match
     seed: int = 0
-    ratio: float | None = None  # None: the pipeline's default matching of each method's features (matching: auto)
+    ratio: float | None = None  # None: the pipeline's default matching (cd_sfm.config.DEFAULTS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -211,13 +210,10 @@ def _read(path: Path, max_size: int):
     return rgb, cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), s
 
 
-def _match_conf(conf: PoseConf, method: str) -> dict:
-    """The matching of ``method``: the pipeline's default for its features (``matching: auto``), ``conf.ratio`` if
-    given."""
+def _match_conf(conf: PoseConf) -> dict:
     from ..config import MatchingSettings
-    from .methods import FEATURES
 
-    m = MatchingSettings().matcher_conf(FEATURES.get(method, "rootsift"))
+    m = MatchingSettings().matcher_conf()  # the pipeline's default matching
     if conf.ratio is not None:
         m["ratio"] = conf.ratio
     return m
@@ -238,8 +234,8 @@ def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: Pos
     pairs = subsample_pairs(candidates, conf.max_pairs)
     logger.info("%s: %d views with ground truth, %d pairs <= %g deg apart, %d evaluated", scene.name, len(views),
                 len(candidates), conf.max_view_angle, len(pairs))
-    keys = ("ratio", "mutual", "distance_threshold", "metric", "cross_ratio")
-    mkw = {m: {k: v for k, v in _match_conf(conf, m).items() if k in keys} for m in describers}
+    mconf = _match_conf(conf)
+    mkw = {k: mconf[k] for k in ("ratio", "mutual", "distance_threshold", "metric", "cross_ratio")}
     det = SiftDetectorConf(max_keypoints=conf.max_keypoints, contrast_threshold=conf.contrast_threshold,
                            upright=conf.upright)
     needed = sorted({n for p in pairs for n in p})
@@ -259,7 +255,7 @@ def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: Pos
         xb, Kb, db = feats[b]
         F = fundamental_from_pose(Ka, Kb, R_gt, t_gt)
         for m in describers:
-            m0, _ = match_descriptors(da[m], db[m], normalized=False, **mkw[m])
+            m0, _ = match_descriptors(da[m], db[m], normalized=False, **mkw)
             i0 = np.flatnonzero(m0 >= 0)
             p0, p1 = xa[i0], xb[m0[i0]]
             n_correct = int((sampson_distance(F, p0, p1) <= conf.epi_px).sum())
