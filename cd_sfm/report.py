@@ -299,6 +299,8 @@ def _fmt(v, fmt=".3f", none="n/a") -> str:
 
 def facts(summary: dict) -> list[tuple[str, str]]:
     """(label, value) lines of the run's numbers."""
+    from .colmap.mapping import MIN_AGREEMENT
+
     s = summary
     prec = s.get("precision")
     prec = ", ".join(f"{k} {v}" for k, v in prec.items()) if isinstance(prec, dict) else prec
@@ -314,7 +316,9 @@ def facts(summary: dict) -> list[tuple[str, str]]:
         ("precision", _fmt(prec, none="-")),
         ("pairs", f"{s.get('pairs')}: {s.get('num_pairs', 0)} pairs, {s.get('num_verified_pairs', 0)} verified"),
         ("mapper", str(s.get("mapper_used") or s.get("mapper"))
-         + (f" (agreement with the two-view geometries {s['mapping_agreement']:.2f})"
+         + (f" (agreement with the two-view geometries {s['mapping_agreement']:.2f}"
+            + (f", under the {MIN_AGREEMENT:g} that is trusted: some cameras are likely placed wrongly)"
+               if s["mapping_agreement"] < MIN_AGREEMENT else ")")
             if isinstance(s.get("mapping_agreement"), (int, float)) else "")),
         ("Ray", "off" if not ray else ", ".join(f"{k} {v}" for k, v in ray.items()) if isinstance(ray, dict)
          else str(ray)),

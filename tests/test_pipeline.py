@@ -130,6 +130,14 @@ def test_format_summary_is_short_and_readable():
     line = next(x for x in pipeline.format_summary(s).splitlines() if x.startswith("Mapping tried"))
     assert "global 13 images, 376 points (agreement 0.91)" in line and "kept incremental" in line
     assert "more images only with more points" in line
+    assert not any(x.startswith("Warning") for x in pipeline.format_summary(s).splitlines())
+    # no attempt agreed (a wrongly placed object ring on a TRAIN scene kept at 0.29): the summary says so
+    s["mapping_agreement"] = 0.29
+    warning = next(x for x in pipeline.format_summary(s).splitlines() if x.startswith("Warning"))
+    assert "agrees with only 0.29 of its verified image pairs (trusted from 0.8" in warning
+    assert "placed wrongly" in warning
+    s["mapping_agreement"] = 0.8
+    assert not any(x.startswith("Warning") for x in pipeline.format_summary(s).splitlines())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,18 @@ def test_report_contents(sift_run):
         assert table[rec.images[i].name]["points3D"] == rec.images[i].num_points3D
 
 
+def test_facts_flag_a_model_that_disagrees_with_its_pairs():
+    from cd_sfm.report import facts
+
+    mapper = lambda s: dict(facts(s))["mapper"]  # noqa: E731
+    assert mapper({"mapper_used": "incremental", "mapping_agreement": 1.0}) == (
+        "incremental (agreement with the two-view geometries 1.00)")
+    low = mapper({"mapper_used": "incremental", "mapping_agreement": 0.29})
+    assert low.startswith("incremental (agreement with the two-view geometries 0.29, under the 0.8 that is trusted")
+    assert "placed wrongly" in low
+    assert mapper({"mapper_used": "global"}) == "global"
+
+
 def test_pick_pairs_and_view_frame():
     pairs = np.array([[1, 2, 50], [1, 3, 400], [2, 3, 120], [3, 4, 30], [2, 4, 90]])
     assert pick_pairs(pairs) == [(1, 3, 400), (2, 4, 90), (3, 4, 30)]

@@ -298,6 +298,10 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         if _complete(tried[-1], num_images):
             break
     chosen = _choose(tried)
+    if chosen["registered"] >= 2 and not _trusted(chosen):
+        logger.warning("Mapping: no attempt gave a model that agrees with the verified two-view geometries: the kept "
+                       "model agrees with %.2f of its pairs (trusted from %g), some cameras are likely placed wrongly",
+                       chosen["agreement"], MIN_AGREEMENT)
     for t in tried:
         if _trusted(t) and _trusted(tried[0]) and not _grows(t, tried[0]):
             logger.info("Mapping: %s not kept: %d images but %d 3D points, fewer than the %d of %s's %d images (wrongly "
