@@ -3,6 +3,7 @@
 ContextDesc descriptors, in one run.
 
     python scripts/bench_match.py [--images DIR] [--num 4] [--sizes 2048 4096 8192] [--reps 5] [--cache DIR]
+                                  [--screen-axes 48 40 32] [--no-colmap]
 
 Descriptors: the ``contextdesc`` preset (the shipped model, 8192 keypoints, the pipeline's default extraction) of the
 first ``--num`` images of ``--images`` (default ``../shared/data/strecha_entry-P10_half/images``), extracted once into
@@ -17,6 +18,8 @@ Methods, all with the pipeline's default matching (mutual nearest neighbour, Low
   row and column top-2 at once; the reference matcher below ``FUSED_MIN_PAIRS`` similarities);
 * ``fused-screen``: the same with ``screen="auto"`` (principal-axes screen + exact rescoring, from 6144 keypoints;
   the per-image moments precomputed as ``matching.main`` caches them);
+* ``screen-N`` (``--screen-axes N ...``): the screen on exactly N axes (``screen: N``), the trade-off behind
+  ``auto``'s choice;
 * ``colmap``: COLMAP's CPU SIFT matcher (``pycolmap.FeatureMatcher`` with ``max_ratio`` 0.8, ``cross_check``, no
   distance limit), on the uint8 descriptors our database stores (``descriptors_to_uint8``); it is slow, so it runs
   ``--colmap-reps`` times on ``--colmap-pairs`` pairs.
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--colmap-pairs", type=int, default=1)
     ap.add_argument("--colmap-reps", type=int, default=1)
     ap.add_argument("--no-colmap", action="store_true")
+    ap.add_argument("--screen-axes", type=int, nargs="*", default=[],
+                    help="also time the screen on exactly these many principal axes (methods screen-N): the "
+                         "trade-off behind screen: auto")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cd_sfm_bench_match")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -158,6 +164,9 @@ def main(argv=None) -> int:
             "fused-screen": lambda a, b: matching.match_descriptors(nd[a], nd[b], grams=(grams[a], grams[b]),
                                                                   **{**opts, "screen": "auto"})[0],
         }
+        for axes in args.screen_axes:
+            methods[f"screen-{axes}"] = lambda a, b, axes=axes: matching.match_descriptors(
+                nd[a], nd[b], grams=(grams[a], grams[b]), **{**opts, "screen": axes})[0]
         if colmap is not None:
             methods["colmap"] = lambda a, b: colmap_match(colmap, u8[a], u8[b])
         best: dict[tuple[str, tuple], float] = {}
