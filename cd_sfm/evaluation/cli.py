@@ -117,7 +117,7 @@ def cmd_pairs(args) -> int:
     describers, absent = make_describers(methods, args.model, upright=args.upright, precision=args.precision)
     conf = pose.PoseConf(max_keypoints=args.max_keypoints, upright=args.upright, max_image_size=args.max_size,
                          max_view_angle=args.max_view_angle, max_pairs=args.max_pairs, ransac_px=args.ransac_px,
-                         seed=args.seed, ratio=args.ratio)
+                         seed=args.seed, ratio=args.ratio, estimator=args.estimator)
     result = pose.evaluate_pairs(scenes, describers, conf)
     result["absent"] = absent
     result["meta"] = meta("pairs", args, time.perf_counter() - t)
@@ -208,6 +208,9 @@ def add_parser(subparsers):
     s.add_argument("--max-pairs", type=int, default=40,
                    help="at most this many of them per scene, evenly spaced over the sorted pairs (0: all; default 40)")
     s.add_argument("--ransac-px", type=float, default=1.0, help="RANSAC threshold of the essential matrix (pixels)")
+    s.add_argument("--estimator", default="colmap", choices=["colmap", "opencv"],
+                   help="relative pose: COLMAP's LO-RANSAC with refinement (default), or OpenCV's RANSAC (the "
+                        "method before 2026-12-07's 4th session)")
     s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_pairs)

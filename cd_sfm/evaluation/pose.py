@@ -13,9 +13,11 @@ whole scene), so that a 24-image scene with 180 candidate pairs costs no more th
 Per pair and method: SIFT keypoints (:func:`detect_sift`, the ContextDesc settings; mapped back to the stored image
 when it is downscaled, and undistorted with the ground-truth camera) on both images, each descriptor on
 those keypoints, the pipeline's default matching (mutual nearest neighbour, Lowe's ratio 0.8 both ways), then the
-essential matrix from the matches in normalised camera coordinates with ``cv2.findEssentialMat`` (RANSAC,
-threshold ``ransac_px`` pixels divided by the mean focal length, confidence 0.99999, ``cv2.setRNGSeed(seed)`` before
-each call) and ``cv2.recoverPose`` (the candidate E with most inliers wins), as SuperGlue's evaluation does.
+relative pose from the matches in normalised camera coordinates, threshold ``ransac_px`` pixels divided by the mean
+focal length, confidence 0.99999: by default COLMAP's LO-RANSAC essential-matrix estimation with its final
+refinement (``pycolmap.estimate_essential_matrix``, seeded with ``seed``; ``estimator="colmap"``), or as SuperGlue's
+evaluation does, ``cv2.findEssentialMat`` (RANSAC) and ``cv2.recoverPose`` (``estimator="opencv"``, the method up to
+the 4th session of 2026-12-07; its poses move with the order of the matches, see :func:`estimate_pose`).
 
 Errors: rotation error = angle of R_est^T R_gt; translation error = angle between the estimated and true translation
 directions, min(e, 180 - e) (the sign of t is not observable from E); pose error = max of the two (inf when no pose
@@ -58,6 +60,7 @@ class PoseConf:
     max_pairs: int = 40  # per scene, evenly spaced over the selected pairs; 0: all
     ransac_px: float = 1.0
     ransac_conf: float = 0.99999
+    estimator: str = "colmap"  # see estimate_pose
     epi_px: float = 1.0  # Sampson distance for a correct match
     seed: int = 0
     ratio: float | None = None  # None: the pipeline's default matching (cd_sfm.config.DEFAULTS)
@@ -125,16 +128,29 @@ def unique_correspondences(x0, x1) -> np.ndarray:
     return np.intersect1d(i0, i1)
 
 
-def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999, seed: int = 0):
+ESTIMATORS = ("colmap", "opencv")
+
+
+def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999, seed: int = 0,
+                  estimator: str = "colmap"):
     """(R, t, inlier mask) of cam1_from_cam0 from pixel correspondences, or None with fewer than 5 matches / no E.
-    Correspondences repeating a point (:func:`unique_correspondences`) are left out of RANSAC (not inliers): OpenCV's
-    five-point solver asserts on such samples."""
+
+    ``estimator``: "colmap" (the default: ``pycolmap.estimate_essential_matrix``, COLMAP's LO-RANSAC with the
+    five-point solver and a final refinement on all inliers, seeded; what the pipeline's verification runs) or
+    "opencv" (``cv2.findEssentialMat`` with RANSAC, then ``cv2.recoverPose``, as SuperGlue's evaluation; used up to
+    the 4th session of 2026-12-07: without a refinement its pose moves with the order of the matches, by up to 13
+    points of a scene's AUC@10). Correspondences repeating a point (:func:`unique_correspondences`) are left out
+    (not inliers): OpenCV's five-point solver asserts on such samples."""
+    if estimator not in ESTIMATORS:
+        raise CdSfmError(f"pose estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
     keep = unique_correspondences(x0, x1)
     if len(keep) < 5:
         return None
     f_mean = np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]])
     n0 = cv2.undistortPoints(np.asarray(x0, np.float64)[keep].reshape(-1, 1, 2), K0, None).reshape(-1, 2)
     n1 = cv2.undistortPoints(np.asarray(x1, np.float64)[keep].reshape(-1, 1, 2), K1, None).reshape(-1, 2)
+    if estimator == "colmap":
+        return _estimate_colmap(n0, n1, keep, len(x0), thresh_px / f_mean, conf, seed)
     cv2.setRNGSeed(int(seed))
     try:
         E, mask = cv2.findEssentialMat(n0, n1, np.eye(3), threshold=thresh_px / f_mean, prob=conf, method=cv2.RANSAC)
@@ -154,6 +170,25 @@ def estimate_pose(x0, x1, K0, K1, thresh_px: float = 1.0, conf: float = 0.99999,
     inliers = np.zeros(len(x0), bool)
     inliers[keep] = best[3]
     return best[1], best[2], inliers
+
+
+def _estimate_colmap(n0, n1, keep, n, threshold: float, conf: float, seed: int):
+    """COLMAP's essential-matrix estimation on normalised points (a unit pinhole camera): the threshold is in
+    normalised units."""
+    import pycolmap
+
+    cam = pycolmap.Camera(model="PINHOLE", width=2, height=2, params=[1.0, 1.0, 0.0, 0.0])
+    opts = pycolmap.RANSACOptions()
+    opts.max_error = float(threshold)
+    opts.confidence = float(conf)
+    opts.random_seed = int(seed)
+    r = pycolmap.estimate_essential_matrix(n0, n1, cam, cam, opts)
+    if r is None:
+        return None
+    rel = r["cam2_from_cam1"]
+    inliers = np.zeros(n, bool)
+    inliers[keep] = np.asarray(r["inlier_mask"], bool).ravel()
+    return np.asarray(rel.rotation.matrix(), np.float64), np.asarray(rel.translation, np.float64), inliers
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,7 +294,7 @@ def evaluate_scene(scene: str | Path, describers: dict[str, Callable], conf: Pos
             i0 = np.flatnonzero(m0 >= 0)
             p0, p1 = xa[i0], xb[m0[i0]]
             n_correct = int((sampson_distance(F, p0, p1) <= conf.epi_px).sum())
-            est = estimate_pose(p0, p1, Ka, Kb, conf.ransac_px, conf.ransac_conf, conf.seed)
+            est = estimate_pose(p0, p1, Ka, Kb, conf.ransac_px, conf.ransac_conf, conf.seed, conf.estimator)
             if est is None:
                 err_R = err_t = float("inf")
                 n_inl = 0
