@@ -527,7 +527,7 @@ def format_summary(s: dict) -> str:
         (f"Reused {s['features_reused']} image features and {s.get('pairs_reused', 0)} pair matches; "
          if "features_reused" in s else "") + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
     ]
-    from .colmap.mapping import MIN_AGREEMENT
+    from .colmap.mapping import MIN_AGREEMENT, agrees
 
     tried = s.get("mapping_tried") or []
     if len(tried) > 1:
@@ -537,7 +537,7 @@ def format_summary(s: dict) -> str:
             + f" -> kept {s.get('mapper_used')} (trusted: agreement >= {MIN_AGREEMENT:g}; more images only "
             "with more points)")
     agree = s.get("mapping_agreement")
-    if agree is not None and agree < MIN_AGREEMENT and s.get("num_images_registered", 0) >= 2:
+    if not agrees(agree) and s.get("num_images_registered", 0) >= 2:
         lines.append(f"Warning: the model agrees with only {agree:.2f} of its verified image pairs (trusted from "
                      f"{MIN_AGREEMENT:g}; no mapping attempt did better): some cameras are likely placed wrongly")
     if s.get("unregistered"):

@@ -297,10 +297,20 @@ def _fmt(v, fmt=".3f", none="n/a") -> str:
     return none if v is None else format(v, fmt) if isinstance(v, (int, float)) else str(v)
 
 
+def _mapper_fact(s: dict) -> str:
+    """The mapper kept, its agreement with the two-view geometries, and a warning when that is not trusted."""
+    from .colmap.mapping import MIN_AGREEMENT, agrees
+
+    mapper, agree = str(s.get("mapper_used") or s.get("mapper")), s.get("mapping_agreement")
+    if not isinstance(agree, (int, float)):
+        return mapper
+    warning = "" if agrees(agree) else \
+        f", under the {MIN_AGREEMENT:g} that is trusted: some cameras are likely placed wrongly"
+    return f"{mapper} (agreement with the two-view geometries {agree:.2f}{warning})"
+
+
 def facts(summary: dict) -> list[tuple[str, str]]:
     """(label, value) lines of the run's numbers."""
-    from .colmap.mapping import MIN_AGREEMENT
-
     s = summary
     prec = s.get("precision")
     prec = ", ".join(f"{k} {v}" for k, v in prec.items()) if isinstance(prec, dict) else prec
@@ -315,11 +325,7 @@ def facts(summary: dict) -> list[tuple[str, str]]:
         ("features", str(s.get("features")) + (f" (model {s['model']})" if s.get("model") else "")),
         ("precision", _fmt(prec, none="-")),
         ("pairs", f"{s.get('pairs')}: {s.get('num_pairs', 0)} pairs, {s.get('num_verified_pairs', 0)} verified"),
-        ("mapper", str(s.get("mapper_used") or s.get("mapper"))
-         + (f" (agreement with the two-view geometries {s['mapping_agreement']:.2f}"
-            + (f", under the {MIN_AGREEMENT:g} that is trusted: some cameras are likely placed wrongly)"
-               if s["mapping_agreement"] < MIN_AGREEMENT else ")")
-            if isinstance(s.get("mapping_agreement"), (int, float)) else "")),
+        ("mapper", _mapper_fact(s)),
         ("Ray", "off" if not ray else ", ".join(f"{k} {v}" for k, v in ray.items()) if isinstance(ray, dict)
          else str(ray)),
     ]

@@ -98,6 +98,18 @@ def test_colmap_estimator_does_not_move_with_the_order_of_the_matches():
         P.estimate_pose(x0, x1, K, K, estimator="magic")
 
 
+def test_estimator_choices_are_the_estimators():
+    """``eval pairs --estimator`` offers ``pose.ESTIMATORS``, with the same default as ``PoseConf``."""
+    import argparse
+
+    from cd_sfm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    ev = next(a for a in sub.choices["eval"]._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in ev.choices["pairs"]._actions if a.dest == "estimator")
+    assert tuple(action.choices) == P.ESTIMATORS and action.default == P.ESTIMATORS[0] == P.PoseConf().estimator
+
+
 def test_estimate_pose_survives_repeated_points():
     # a location matched several times (SIFT gives one location several orientations) made OpenCV's five-point
     # solver assert inside RANSAC ("solvePoly"), which stopped a whole `eval pairs` run at ratio 0.95

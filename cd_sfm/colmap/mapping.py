@@ -183,8 +183,14 @@ def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: P
             "pairs_checked": ag["pairs"], "seconds": round(time.perf_counter() - t, 1), "models": models}
 
 
+def agrees(agreement: float | None) -> bool:
+    """Whether a model's agreement with its verified pairs (:mod:`.consistency`; None: nothing to check) is trusted.
+    The run's summary and report judge the kept model with the same rule."""
+    return agreement is None or agreement >= MIN_AGREEMENT
+
+
 def _trusted(t: dict) -> bool:
-    return t["registered"] >= 2 and (t["agreement"] is None or t["agreement"] >= MIN_AGREEMENT)
+    return t["registered"] >= 2 and agrees(t["agreement"])
 
 
 def _complete(t: dict, num_images: int) -> bool:

@@ -186,6 +186,7 @@ def _common(p: argparse.ArgumentParser, output: str, max_size: int) -> None:
 
 
 def add_parser(subparsers):
+    from .pose import ESTIMATORS
     p = subparsers.add_parser("eval", help="benchmarks: HPatches MMA, relative-pose AUC, SfM statistics",
                               description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("\n", 1)[1])
@@ -208,7 +209,7 @@ def add_parser(subparsers):
     s.add_argument("--max-pairs", type=int, default=40,
                    help="at most this many of them per scene, evenly spaced over the sorted pairs (0: all; default 40)")
     s.add_argument("--ransac-px", type=float, default=1.0, help="RANSAC threshold of the essential matrix (pixels)")
-    s.add_argument("--estimator", default="colmap", choices=["colmap", "opencv"],
+    s.add_argument("--estimator", default=ESTIMATORS[0], choices=ESTIMATORS,
                    help="relative pose: COLMAP's LO-RANSAC with refinement (default), or OpenCV's RANSAC (the "
                         "method before 2026-12-07's 4th session)")
     s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
