@@ -50,7 +50,8 @@ confs: dict[str, dict] = {
 }
 
 SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
-SCREEN_ENERGY = 0.7  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
+SCREEN_ENERGY = 0.55  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
+SCREEN_FLAT_ENERGY = 0.7  # ... and stays off when this share needs more than half of the axes (a flat spectrum)
 SCREEN_MIN_KEYPOINTS = 6144  # smaller sets are matched exactly: the screen would not pay
 FUSED_MIN_PAIRS = 3000 * 3000  # smaller pairs: the reference matcher (faster there: no tiles, no threads)
 TILE = 512  # similarity tiles of TILE x TILE float32 (1 MiB: cache-resident)
@@ -237,8 +238,8 @@ def screen_basis(g: np.ndarray, n0: int, n1: int, dims: int | str | None = "auto
     """(D, k) float32 orthonormal basis the screen projects a pair onto (None: match exactly), from the pair's
     moments ``g`` (:func:`gram`): the mean direction, then the principal axes of the centred descriptors (the mean
     carries most of the energy of non-negative descriptors such as RootSIFT and tells none of them apart). "auto":
-    the fewest axes (a multiple of 8, at least D / 4) holding ``SCREEN_ENERGY`` of the centred variance, if at most
-    half of D."""
+    the fewest axes (a multiple of 8, at least D / 4) holding ``SCREEN_ENERGY`` of the centred variance; None where
+    ``SCREEN_FLAT_ENERGY`` of it needs more than half of D (a flat spectrum: too few axes would tell too little)."""
     D = g.shape[0] - 1
     if dims in (None, 0, False) or min(n0, n1) < SCREEN_MIN_KEYPOINTS or g[-1, -1] <= 0:
         return None
@@ -254,10 +255,11 @@ def screen_basis(g: np.ndarray, n0: int, n1: int, dims: int | str | None = "auto
     if dims == "auto":
         if w.sum() <= 0:
             return None
-        k = int(np.searchsorted(np.cumsum(w) / w.sum(), SCREEN_ENERGY) + 1)
+        share = np.cumsum(w) / w.sum()
+        if np.searchsorted(share, SCREEN_FLAT_ENERGY) + 1 > D // 2:
+            return None  # too flat: a screen on few axes would miss neighbours
+        k = int(np.searchsorted(share, SCREEN_ENERGY) + 1)
         k = max(-(-k // 8) * 8, D // 4)  # never fewer than a quarter (RootSIFT: 16 axes hold 70 %, too few)
-        if k > D // 2:
-            return None
     else:
         k = int(dims)
         if not 0 < k < D:
@@ -330,13 +332,14 @@ def match_descriptors(
     once (numba kernels, ``threads`` threads over row bands; default: the usable cores), so the cross ratio costs no
     second product. ``screen`` (off in this function; the pipeline's default matching options turn it on): with
     "auto" and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on each side, that pass runs on the descriptors
-    projected onto the pair's mean direction and principal axes (:func:`screen_basis`; 48-56 of 128 for ContextDesc,
-    32 for RootSIFT), keeping ``screen_k`` candidates per row and column, whose
-    exact similarities then decide: the same matches but for a rare candidate the projection ranked too low (on 24
-    pairs of four real scenes at 8k keypoints: every exact match found, 0.02 % extra ones whose true second
-    neighbour the screen missed). It pays where the similarity product is the bottleneck: 1.7-1.9x the exact pass
-    on a 2-core AVX2 CPU, on another one no faster (``scripts/bench_match.py``). An int: that many axes; 0 / None:
-    exact.
+    projected onto the pair's mean direction and principal axes (:func:`screen_basis`; 32-40 of 128 for
+    cd-sfm-v2-mini's descriptors, 32 for RootSIFT), keeping ``screen_k`` candidates per row and column, whose
+    exact similarities then decide: nearly the same matches, but for a candidate the projection ranked too low (on
+    24 pairs of four real scenes at 8k keypoints, cd-sfm-v2-mini: 99.85 % of the exact matches found, 0.36 % extra
+    ones whose true second neighbour the screen missed, 99.65 % found on the worst pair; the 0.7 share of earlier
+    versions, 48-56 axes: 99.997 % and 0.06 %, 1.2x slower). It pays where the similarity product is the
+    bottleneck: 1.8x the exact pass on a 2-core AVX2 CPU (1.5x with 0.7), on another one no faster
+    (``scripts/bench_match.py``). An int: that many axes; 0 / None: exact.
     ``grams``: ``(gram(d0), gram(d1))`` precomputed. Without numba, and for pairs of fewer than ``FUSED_MIN_PAIRS``
     similarities (where it is faster): :func:`match_descriptors_reference` (``block_rows`` rows at a time).
 

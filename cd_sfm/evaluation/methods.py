@@ -59,7 +59,7 @@ class _LearnedDescriber:
 
         if self._key is not kpts["keypoints"]:
             patches = extract_patches(gray, kpts["keypoints"], kpts["scales"], kpts["angles"],
-                                      upright=self.backend.conf.upright)
+                                      upright=self.backend.conf.upright, standardize=False)  # as the backend
             self._val = self.backend.runner.local(patches)
             self._key = kpts["keypoints"]
         return self._val

@@ -89,14 +89,26 @@ class GeometricAugment:
         pts = np.concatenate([np.asarray(kpt_m, np.float32).reshape(n, 1),
                               np.asarray(kpt_xy, np.float32).reshape(n, 2)], axis=1)
         w, b = self.dim_control
-        x = pts @ w + b
+        x = pts @ w
+        x += b
+        y, z = np.empty_like(x), np.empty_like(x)  # work buffers: no (N, 128) temporaries per operation
         for (mm, inv_std), (w, b) in self.blocks:
-            mean = x.mean(axis=0, keepdims=True)
-            var = np.square(x - mean).mean(axis=0, keepdims=True)
-            y = (x - mean) / np.sqrt(var + CN_EPS)  # context normalisation over the image's keypoints
-            y = np.maximum((y - mm) * inv_std, 0.0)  # batch norm (inference), ReLU
-            x = x + (y @ w + b)
+            # context normalisation over the image's keypoints, batch norm (inference) and ReLU folded into one
+            # scale and shift per channel: relu(((x - mean) / s - mm) * inv_std) = relu(x * a + c)
+            mean = x.mean(axis=0)
+            np.subtract(x, mean, out=y)
+            s = np.sqrt(np.square(y, out=y).mean(axis=0) + CN_EPS)
+            a = inv_std / s
+            c = -(mean / s + mm) * inv_std
+            np.multiply(x, a, out=y)
+            y += c
+            np.maximum(y, 0.0, out=y)
+            x += np.matmul(y, w, out=z)
+            x += b
         w, b = self.context_trans
-        out = lf + (x @ w + b)
-        norm = np.sqrt(np.maximum(np.square(out).sum(axis=1, keepdims=True), 1e-12))  # tf.math.l2_normalize
-        return (out / norm).astype(np.float32)
+        out = np.matmul(x, w, out=y)
+        out += b
+        out += lf
+        norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", out, out)[:, None], 1e-12))  # tf.math.l2_normalize
+        out /= norm
+        return out
