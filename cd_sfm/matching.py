@@ -15,6 +15,7 @@ match, 0 when unmatched). Pairs already in the file in either order are skipped;
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -50,7 +51,7 @@ confs: dict[str, dict] = {
 }
 
 SCREEN_K = 8  # candidates per row and per column the screen keeps for exact rescoring
-SCREEN_ENERGY = 0.55  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
+SCREEN_ENERGY = 0.6  # the screen keeps the fewest principal axes (multiple of 8) holding this share of the energy
 SCREEN_FLAT_ENERGY = 0.7  # ... and stays off when this share needs more than half of the axes (a flat spectrum)
 SCREEN_MIN_KEYPOINTS = 6144  # smaller sets are matched exactly: the screen would not pay
 FUSED_MIN_PAIRS = 3000 * 3000  # smaller pairs: the reference matcher (faster there: no tiles, no threads)
@@ -64,7 +65,7 @@ DEFAULT_CONF = {
     "batch_size": 64,  # pairs matched between progress / write steps
     "cache_mb": 1024,  # LRU cache of normalised descriptors
     "block_rows": 2048,  # rows of the similarity matrix computed at once (memory: block_rows * N1 * 4 bytes)
-    "num_workers": 1,  # pairs of a batch matched in parallel (each pair already uses `threads` threads)
+    "num_workers": None,  # pairs of a batch matched in parallel (None: the usable cores, each pair on one thread)
     "cross_ratio": False,  # ratio test both ways (COLMAP's cross check); see match_descriptors
     "screen": 0,  # principal-axes screen before the exact decision ("auto", an int; 0 = off, exact); see there
     "screen_k": SCREEN_K,  # candidates per row / column the screen keeps
@@ -85,9 +86,18 @@ def resolve_conf(conf: dict | str | None) -> dict:
     return out
 
 
+def pair_workers(conf: dict) -> int:
+    """Pairs matched at once: ``num_workers``, by default (None) one per usable core, each pair on one thread. At 8k
+    keypoints two pairs on one thread each went 1.15x faster than one pair on two threads at a time (2-core AVX2 CPU,
+    24 pairs of four scenes): every thread of a pair keeps its own column lists (``_top_lists``), so threads within a
+    pair repeat work that threads over pairs do not."""
+    n = conf.get("num_workers")
+    return max(1, int(n)) if n else default_threads()
+
+
 def match_options(conf: dict) -> dict:
     """Keyword arguments of :func:`match_descriptors` for a resolved matching configuration (normalised input)."""
-    workers = max(1, int(conf.get("num_workers", 1)))
+    workers = pair_workers(conf)
     threads = conf.get("threads")
     return dict(ratio=conf["ratio"], mutual=conf["mutual"], distance_threshold=conf["distance_threshold"],
                 metric=conf["metric"], normalized=True, block_rows=int(conf["block_rows"]),
@@ -332,14 +342,14 @@ def match_descriptors(
     once (numba kernels, ``threads`` threads over row bands; default: the usable cores), so the cross ratio costs no
     second product. ``screen`` (off in this function; the pipeline's default matching options turn it on): with
     "auto" and at least ``SCREEN_MIN_KEYPOINTS`` descriptors on each side, that pass runs on the descriptors
-    projected onto the pair's mean direction and principal axes (:func:`screen_basis`; 32-40 of 128 for
+    projected onto the pair's mean direction and principal axes (:func:`screen_basis`; 40-48 of 128 for
     cd-sfm-v2-mini's descriptors, 32 for RootSIFT), keeping ``screen_k`` candidates per row and column, whose
     exact similarities then decide: nearly the same matches, but for a candidate the projection ranked too low (on
-    24 pairs of four real scenes at 8k keypoints, cd-sfm-v2-mini: 99.85 % of the exact matches found, 0.36 % extra
-    ones whose true second neighbour the screen missed, 99.65 % found on the worst pair; the 0.7 share of earlier
-    versions, 48-56 axes: 99.997 % and 0.06 %, 1.2x slower). It pays where the similarity product is the
-    bottleneck: 1.8x the exact pass on a 2-core AVX2 CPU (1.5x with 0.7), on another one no faster
-    (``scripts/bench_match.py``). An int: that many axes; 0 / None: exact.
+    24 pairs of four real scenes at 8k keypoints, cd-sfm-v2-mini, one thread a pair as the match stage runs them:
+    99.96 % of the exact matches found, 0.32 % extra ones whose true second neighbour the screen missed, 99.83 % found
+    on the worst pair; the 0.7 share of earlier versions, 48-56 axes: 99.997 % and 0.06 %). It pays where the
+    similarity product is the bottleneck (``scripts/bench_match.py``: 1.7x the exact pass on a 2-core AVX2 CPU, 1.5x
+    with 0.7; on another CPU no faster). An int: that many axes; 0 / None: exact.
     ``grams``: ``(gram(d0), gram(d1))`` precomputed. Without numba, and for pairs of fewer than ``FUSED_MIN_PAIRS``
     similarities (where it is faster): :func:`match_descriptors_reference` (``block_rows`` rows at a time).
 
@@ -347,9 +357,11 @@ def match_descriptors(
     """
     kern = _kernels()
     if kern is None or len(d0) * len(d1) < FUSED_MIN_PAIRS:
-        return match_descriptors_reference(d0, d1, ratio=ratio, mutual=mutual, distance_threshold=distance_threshold,
-                                           metric=metric, normalized=normalized, block_rows=block_rows,
-                                           cross_ratio=cross_ratio)
+        # one thread a pair (the match stage's default, pairs in parallel): BLAS threads would only oversubscribe
+        with one_blas_thread() if threads == 1 else contextlib.nullcontext():
+            return match_descriptors_reference(d0, d1, ratio=ratio, mutual=mutual,
+                                               distance_threshold=distance_threshold, metric=metric,
+                                               normalized=normalized, block_rows=block_rows, cross_ratio=cross_ratio)
     with one_blas_thread():  # our threads split the work; BLAS threads on small tiles only fight over the cores
         return _match_fused(kern, d0, d1, ratio, mutual, distance_threshold, metric, normalized, cross_ratio, screen,
                             screen_k, threads, grams)
@@ -504,7 +516,7 @@ class PairMatcher:
         self.features_path = str(features_path)
         self.hfile = h5py.File(self.features_path, "r", libver="latest") if read else None
         self.cache = DescriptorCache(self.hfile, self.conf["cache_mb"]) if read else None
-        workers = max(1, int(self.conf["num_workers"] or 1))
+        workers = pair_workers(self.conf)
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
     def close(self) -> None:

@@ -307,6 +307,18 @@ def test_match_options_from_conf(fused):
     np.testing.assert_array_equal(m, match_descriptors_reference(d0, d1, cross_ratio=True)[0])
 
 
+def test_pairs_in_parallel_by_default(monkeypatch):
+    """By default the match stage runs one pair per usable core, each on one thread; ``num_workers`` and ``threads``
+    override that."""
+    monkeypatch.setattr(matching, "default_threads", lambda: 4)
+    conf = matching.resolve_conf("NN-ratio")
+    assert matching.pair_workers(conf) == 4 and matching.match_options(conf)["threads"] == 1
+    conf = matching.resolve_conf({**matching.confs["NN-ratio"], "num_workers": 1})
+    assert matching.pair_workers(conf) == 1 and matching.match_options(conf)["threads"] == 4
+    conf = matching.resolve_conf({**matching.confs["NN-ratio"], "num_workers": 2, "threads": 3})
+    assert matching.pair_workers(conf) == 2 and matching.match_options(conf)["threads"] == 3
+
+
 def test_presets_screen_by_default_accurate_is_exact():
     """The pipeline's default matching screens large pairs ("auto"); the accurate preset matches exactly, and so does
     a user's ``matching_options: {screen: 0}``."""
