@@ -113,6 +113,8 @@ def test_bad_int8_file(tmp_path, engine):
     p.write_bytes(b"not a flatbuffer")
     with pytest.raises(CdSfmError, match="x.tflite"):
         i8.Int8Local(p, engine=engine)
+    with pytest.raises(CdSfmError, match="missing.tflite: cannot read the int8 local model"):
+        i8.Int8Local(tmp_path / "missing.tflite", engine=engine)
 
 
 def test_openvino_and_tflite_give_the_same_outputs(folder):

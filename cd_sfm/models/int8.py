@@ -174,10 +174,12 @@ class Int8Local:
         self.threads = int(threads)
         self.batch_size = int(batch_size)
         try:
-            content = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                self.engine = int8_engine(engine)
+                # OpenVINO reads the file itself; TFLite takes its bytes
+                content = f.read() if self.engine == "tflite" else b""
         except OSError as e:
             raise CdSfmError(f"{self.path}: cannot read the int8 local model ({e.strerror or e})") from e
-        self.engine = int8_engine(engine)
         if self.engine == "openvino":
             self._ov = _OpenVinoNet(self.path, int(threads) or available_cores())
             return
