@@ -11,7 +11,9 @@ images registered, 3D points, mean track length, seconds per stage and in all, a
 median total times; then the ratio over all scenes (sum of medians). Default scenes: the README's EVAL scenes
 (strecha_entry-P10_half, middlebury_templeSparseRing, sceaux_castle) under ``../shared/data``. ``--model NAME``
 (repeatable) adds the default pipeline with that ContextDesc model as a setting of its own (e.g. the previous
-shipped model beside the new default), same folders, same run.
+shipped model beside the new default), same folders, same run. Before the timed runs every setting reconstructs the
+smallest scene once, untimed (``--no-warmup`` skips it): the first process after an install compiles numba's matching
+kernels into their cache (seconds), which no later run pays.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[], help="also the default with this model (repeatable)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-warmup", action="store_true", help="no untimed first run of each setting")
     parser.add_argument("extra", nargs="*", help="extra flags for both settings (after --)")
     args = parser.parse_args()
     scenes = args.scene or DEFAULT_SCENES
@@ -66,6 +69,11 @@ def main() -> int:
     settings = {**SETTINGS, **{f"model:{m}": ["--model", m] for m in args.model}}
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_default_") as tmp:
+        if not args.no_warmup:
+            smallest = min(scenes, key=lambda s: sum(f.stat().st_size for f in s.iterdir() if f.is_file()))
+            for k, f in settings.items():
+                run(smallest, Path(tmp) / f"warmup_{k}", f + args.extra)
+            print(f"warm-up: one untimed run of each setting on {smallest.parent.name}", flush=True)
         for scene in scenes:
             rows = {k: [] for k in settings}
             for i in range(args.repeat):
