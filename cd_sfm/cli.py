@@ -34,6 +34,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as config_mod
+from . import native_stderr
 from .config import PRECISIONS
 from .io import CdSfmError, output_lock
 
@@ -70,6 +71,8 @@ def quiet_tensorflow(verbose: int) -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # TensorFlow 2.21 on CPUs where it turns oneDNN on writes absl lines while importing, whatever the level says
+    native_stderr.quiet_import("tensorflow")
 
 
 def setup_logging(verbose: int, quiet: int) -> int:

@@ -158,7 +158,11 @@ def test_default_reconstruction_never_imports_tensorflow(tmp_path):
     img = cv2.imread(str(name))[..., ::-1]
     a, b = lite.extract(img), keras_backend.extract(img)
     assert np.array_equal(a["keypoints"], b["keypoints"]) and len(a["keypoints"]) > 100
-    assert np.abs(a["descriptors"] - b["descriptors"]).max() < 1e-4
+    # the Keras runner runs its augmentation in bf16 beside an int8 local network where the CPU has AVX512-BF16 or AMX
+    # (the numpy one always in fp32): equal to float rounding there, to bf16's three digits here
+    tol = 1e-4 if keras_backend.precision_used["augment"] == "fp32" else 1e-2
+    assert np.abs(a["descriptors"] - b["descriptors"]).max() < tol
+    assert np.min(np.sum(a["descriptors"] * b["descriptors"], axis=1)) > 0.9999
     with h5py.File(tmp_path / "out" / "features.h5") as f:
         stored = f[name.name]["descriptors"][()]
     stored = stored.T if stored.shape[0] == 128 and stored.shape[1] != 128 else stored

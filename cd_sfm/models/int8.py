@@ -13,19 +13,17 @@ unit-variance inputs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from .. import native_stderr
 from ..io import CdSfmError, hash_file
 
 logger = logging.getLogger(__name__)
@@ -47,35 +45,6 @@ def standardize(patches: np.ndarray) -> np.ndarray:
     mean = x.mean(axis=(1, 2, 3), keepdims=True)
     var = x.var(axis=(1, 2, 3), keepdims=True)
     return (x - mean) / np.sqrt(var + STANDARDIZE_EPS)
-
-
-_STDERR_SWAP = threading.Lock()  # fd 2 is process-wide: one swap at a time, or a second one saves the first's file
-
-
-@contextlib.contextmanager
-def _native_stderr_to_log():
-    """Send what native code writes to stderr inside the block to the log instead: TFLite prints "INFO: Created
-    TensorFlow Lite XNNPACK delegate for CPU." there, past Python's logging (kept at debug; anything else a warning).
-    Blocks of several threads run one after the other (the block only builds an interpreter), so the real stderr is
-    always the one saved and restored."""
-    with _STDERR_SWAP:
-        try:
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (AttributeError, OSError, ValueError):
-            yield
-            return
-        with tempfile.TemporaryFile() as tmp:
-            os.dup2(tmp.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                tmp.seek(0)
-                for line in tmp.read().decode(errors="replace").splitlines():
-                    if line.strip():
-                        (logger.debug if "XNNPACK delegate" in line else logger.warning)("%s", line)
 
 
 def _interpreter_class():
@@ -185,7 +154,7 @@ class Int8Local:
             return
         self._ov = None
         cls = _interpreter_class()
-        with warnings.catch_warnings(), _native_stderr_to_log():
+        with warnings.catch_warnings(), native_stderr.to_log():
             warnings.simplefilter("ignore")
             try:
                 self._it = cls(model_content=content, num_threads=int(threads) or available_cores())
