@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import native_stderr
+from ..native_stderr import to_log as native_stderr_to_log
 from ..io import CdSfmError, hash_file
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Int8Local:
             return
         self._ov = None
         cls = _interpreter_class()
-        with warnings.catch_warnings(), native_stderr.to_log():
+        with warnings.catch_warnings(), native_stderr_to_log():
             warnings.simplefilter("ignore")
             try:
                 self._it = cls(model_content=content, num_threads=int(threads) or available_cores())
