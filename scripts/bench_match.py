@@ -3,7 +3,7 @@
 ContextDesc descriptors, in one run.
 
     python scripts/bench_match.py [--images DIR] [--num 4] [--sizes 2048 4096 8192] [--reps 5] [--cache DIR]
-                                  [--screen-axes 48 40 32] [--no-colmap]
+                                  [--screen-axes 48 40 32] [--no-colmap] [--no-faiss]
 
 Descriptors: the ``contextdesc`` preset (the shipped model, 8192 keypoints, the pipeline's default extraction) of the
 first ``--num`` images of ``--images`` (default ``../shared/data/strecha_entry-P10_half/images``), extracted once into
@@ -24,6 +24,9 @@ pair at a time on all usable cores but for the last:
 * ``fused-screen, parallel pairs``: the match stage's default: all pairs of the set with ``screen="auto"``, as many
   at once as there are usable cores, each on one thread (``matching.pair_workers``); its seconds per pair are the
   best round's time over the set divided by the number of pairs (throughput, not the latency of one pair);
+* ``faiss`` (where ``faiss`` imports: ``pip install faiss-cpu``; not a dependency): the library answer to exact
+  inner-product top-k on CPU, ``faiss.IndexFlatIP`` (BLAS blocks + top-k selection, its AVX2 / AVX512 build), top-2
+  both ways, then the same decisions (mutual, ratio both ways);
 * ``colmap``: COLMAP's CPU SIFT matcher (``pycolmap.FeatureMatcher`` with ``max_ratio`` 0.8, ``cross_check``, no
   distance limit), on the uint8 descriptors our database stores (``descriptors_to_uint8``); it is slow, so it runs
   ``--colmap-reps`` times on ``--colmap-pairs`` pairs.
@@ -94,6 +97,33 @@ def agreement(m: np.ndarray, ref: np.ndarray) -> tuple[int, int]:
     return len(a & b), len(a)
 
 
+def faiss_module():
+    """``faiss`` on all usable cores, or None where it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    return faiss
+
+
+def faiss_match(faiss, d0: np.ndarray, d1: np.ndarray, ratio: float) -> np.ndarray:
+    """Exact top-2 of unit descriptors both ways with ``IndexFlatIP``, then mutual nearest neighbours and Lowe's
+    ratio on the distances both ways (the pipeline's default decisions); matches0 (-1 = none)."""
+    def top2(db, queries):
+        index = faiss.IndexFlatIP(db.shape[1])
+        index.add(db)
+        sim, idx = index.search(queries, 2)
+        return np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0)), idx
+
+    d01, n01 = top2(d1, d0)
+    d10, n10 = top2(d0, d1)
+    nn = n01[:, 0]
+    keep = (nn >= 0) & (n10[nn, 0] == np.arange(len(d0)))
+    keep &= (d01[:, 0] < ratio * d01[:, 1]) & (d10[nn, 0] < ratio * d10[nn, 1])
+    return np.where(keep, nn, -1).astype(np.int32)
+
+
 def colmap_matcher():
     import pycolmap
 
@@ -124,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--colmap-pairs", type=int, default=1)
     ap.add_argument("--colmap-reps", type=int, default=1)
     ap.add_argument("--no-colmap", action="store_true")
+    ap.add_argument("--no-faiss", action="store_true", help="skip FAISS even where it is installed")
     ap.add_argument("--screen-axes", type=int, nargs="*", default=[],
                     help="also time the screen on exactly these many principal axes (methods screen-N): the "
                          "trade-off behind screen: auto")
@@ -150,6 +181,7 @@ def main(argv=None) -> int:
     ref_opts = {k: opts[k] for k in ("ratio", "mutual", "distance_threshold", "metric", "normalized", "block_rows",
                                      "cross_ratio")}
     colmap = None if args.no_colmap else colmap_matcher()
+    faiss = None if args.no_faiss else faiss_module()
 
     print(f"# bench_match {time.strftime('%Y-%m-%d %H:%M')}, {cpu_description()}, load average "
           f"{os.getloadavg()[0]:.1f}; numpy {np.__version__}, numba {numba.__version__}; {len(pairs)} pairs of "
@@ -175,6 +207,8 @@ def main(argv=None) -> int:
         for axes in args.screen_axes:
             methods[f"screen-{axes}"] = lambda a, b, axes=axes: matching.match_descriptors(
                 nd[a], nd[b], grams=(grams[a], grams[b]), **{**opts, "screen": axes})[0]
+        if faiss is not None:
+            methods["faiss"] = lambda a, b: faiss_match(faiss, nd[a], nd[b], base["ratio"])
         if colmap is not None:
             methods["colmap"] = lambda a, b: colmap_match(colmap, u8[a], u8[b])
         best: dict[tuple[str, tuple], float] = {}
