@@ -85,5 +85,8 @@ def quiet_import(*names: str) -> None:
     """The first import of each of these top-level packages (not yet imported) writes its native stderr to the log
     (:func:`to_log`). Costs nothing until then, and nothing is imported here."""
     todo = [n for n in names if n not in sys.modules]
-    if todo and not any(isinstance(f, _QuietImport) for f in sys.meta_path):
+    finder = next((f for f in sys.meta_path if isinstance(f, _QuietImport)), None)
+    if finder is not None:
+        finder.names.update(todo)  # a second call adds its packages to the hook already in place
+    elif todo:
         sys.meta_path.insert(0, _QuietImport(todo))

@@ -103,7 +103,9 @@ def faiss_module():
         import faiss
     except ImportError:
         return None
-    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    from cd_sfm.matching import default_threads
+
+    faiss.omp_set_num_threads(default_threads())
     return faiss
 
 
