@@ -128,3 +128,22 @@ def test_fine_tune_starts_from_given_weights(mined, tmp_path):
     assert info["initial_weights"] == str(shipped) and "fine-tuned" in info["description"]
     with pytest.raises(tl.CdSfmError, match="initial weights not found"):
         tl.train_local(_conf(mined, tmp_path / "bad", 1, init=str(tmp_path / "nope.npz")))
+
+
+def test_batch_groups_draw_each_share_from_few_scenes():
+    names = [f"data/scene{i // 3}/images/{i}.jpg" for i in range(12)]  # 4 scenes of 3 images
+    groups = tl.scene_groups(np.arange(12, dtype=np.int32).repeat(50), names)
+    assert groups.shape == (600,) and set(groups.tolist()) == {0, 1, 2, 3}
+    n = len(groups)
+    train = {"patches": np.zeros((2 * n, 2, 32, 32), np.uint8), "scales": np.ones((2 * n, 2), np.float32),
+             "ids": np.arange(2 * n), "groups": np.concatenate([groups, groups + 4]), "bounds": [n, 2 * n]}
+    conf = tl.TrainConf(batch=64, extra_ratio=0.5, batch_groups=1)
+    for step in range(5):
+        _, _, ids = tl.sample_batch(train, step, conf)
+        main, extra = ids[ids < n], ids[ids >= n]
+        assert len(main) == len(extra) == 32
+        assert len(set(train["groups"][main])) == 1 and len(set(train["groups"][extra])) == 1
+    seen = {int(train["groups"][tl.sample_batch(train, s, conf)[2][0]]) for s in range(40)}
+    assert len(seen) >= 3  # the scene changes from step to step
+    free = tl.sample_batch(train, 0, tl.TrainConf(batch=64, extra_ratio=0.5))[2]
+    assert len(set(train["groups"][free[free < n]])) > 1

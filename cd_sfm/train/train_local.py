@@ -78,6 +78,9 @@ class TrainConf:
     teacher: str = ""  # local weights (.npz, model name or folder) to distil from: its descriptors and matchability
     distill_weight: float = 1.0  # weight of the distillation terms next to the descriptor / matchability losses
     init: str = ""  # start from these local weights (.npz, model name or folder; same arch) instead of random ones
+    # draw each file's share of a batch from this many scenes (image folders) instead of from all pairs: the in-batch
+    # negatives then come from the same scenes, the confusers a matcher meets (repeated structure); 0 = off
+    batch_groups: int = 0
     export: str = ""  # model name: export to cd_sfm/weights/<name>/ at the end
     export_dir: str = ""  # default: cd_sfm/weights
 
@@ -107,14 +110,25 @@ def _load_data(path: str, max_train_pairs: int = 0, val_pairs: int = 4096, seed:
             f["patches"].read_direct(patches)
         scales = f["scales"][()]
         ids = f["kpt_ids"][()]
+        image_ids = f["image_ids"][()] if "image_ids" in f else np.zeros(n, np.int32)
         attrs = {k: f.attrs[k] for k in f.attrs}
+    groups = scene_groups(image_ids, json.loads(attrs.get("image_names", "[]")))
     tr, va = split_indices(is_val, max_train_pairs, val_pairs, seed)
     if len(tr) == 0:
         raise CdSfmError(f"{path}: no training pairs")
-    train = {"patches": patches[tr], "scales": scales[tr], "ids": ids[tr]}
+    train = {"patches": patches[tr], "scales": scales[tr], "ids": ids[tr], "groups": groups[tr]}
     val = {"patches": patches[va], "scales": scales[va], "ids": ids[va]}
     del patches
     return train, val, attrs
+
+
+def scene_groups(image_ids: np.ndarray, image_names: list[str]) -> np.ndarray:
+    """Scene index of each pair: the folder of its image (``<scene>/images``); 0 for all without image names."""
+    if not image_names:
+        return np.zeros(len(image_ids), np.int32)
+    folders = [str(Path(name).parent) for name in image_names]
+    _, index = np.unique(folders, return_inverse=True)
+    return index.astype(np.int32)[image_ids]
 
 
 def extra_files(conf: TrainConf) -> list[str]:
@@ -135,6 +149,16 @@ def lr_at(step, conf: TrainConf) -> float:
     return warmup_cosine(step, conf.lr, conf.lr_min, conf.warmup, conf.steps)
 
 
+def _draw(train: dict, rng, lo: int, hi: int, k: int, n_groups: int) -> np.ndarray:
+    """``k`` pair indices in [lo, hi): uniformly, or (``n_groups`` > 0) from the scenes of ``n_groups`` pairs drawn
+    uniformly, so that a scene is chosen as often as its pairs would be."""
+    if n_groups > 0 and "groups" in train:
+        g = train["groups"][lo:hi]
+        pool = np.flatnonzero(np.isin(g, g[rng.integers(0, hi - lo, n_groups)]))
+        return lo + pool[rng.choice(len(pool), k, replace=len(pool) < k)]
+    return lo + rng.choice(hi - lo, k, replace=hi - lo < k)
+
+
 def sample_batch(train: dict, step: int, conf: TrainConf):
     """Batch of ``conf.batch`` pairs, seeded by (seed, step); anchors and positives randomly swapped per pair."""
     rng = np.random.default_rng([conf.seed, step])
@@ -145,13 +169,10 @@ def sample_batch(train: dict, step: int, conf: TrainConf):
         ks = [int(round(r * conf.batch)) for r in ratios]
         counts = [conf.batch - sum(ks)] + ks
         starts = [0] + bounds[:-1]
-        parts = []
-        for lo, hi, k in zip(starts, bounds, counts):
-            if k > 0:
-                parts.append(lo + rng.choice(hi - lo, k, replace=hi - lo < k))
-        idx = np.concatenate(parts)
+        idx = np.concatenate([_draw(train, rng, lo, hi, k, conf.batch_groups)
+                              for lo, hi, k in zip(starts, bounds, counts) if k > 0])
     else:
-        idx = rng.choice(n, conf.batch, replace=n < conf.batch)
+        idx = _draw(train, rng, 0, n, conf.batch, conf.batch_groups)
     p = train["patches"][idx]
     s = train["scales"][idx]
     swap = rng.random(conf.batch) < 0.5
@@ -470,17 +491,20 @@ def train_local(conf: TrainConf) -> dict:
     if extra_files(conf):  # the best step is chosen on the main file's validation; ids shifted never to collide
         parts, bounds = [train], [len(train["ids"])]
         shift = int(train["ids"].max()) + 1 if len(train["ids"]) else 0
+        group_shift = int(train["groups"].max()) + 1
         for path, ratio in zip(extra_files(conf), extra_ratios(conf)):
             extra, xval, _ = _load_data(path, 0, conf.val_pairs, conf.seed)
             extra["ids"] = extra["ids"] + shift
             xval["ids"] = xval["ids"] + shift
+            extra["groups"] = extra["groups"] + group_shift
+            group_shift = int(extra["groups"].max()) + 1
             shift = int(extra["ids"].max()) + 1 if len(extra["ids"]) else shift
             parts.append(extra)
             extra_vals.append(xval)
             bounds.append(bounds[-1] + len(extra["ids"]))
             logger.info("extra data %s: %d training pairs, %d validation pairs (batch share %s)", path,
                         len(extra["ids"]), len(xval["ids"]), f"{ratio:g}" if ratio > 0 else "natural")
-        train = {k: np.concatenate([p[k] for p in parts]) for k in ("patches", "scales", "ids")}
+        train = {k: np.concatenate([p[k] for p in parts]) for k in ("patches", "scales", "ids", "groups")}
         train["bounds"], train["n_main"] = bounds, bounds[0]
         del parts
     fields = LOG_FIELDS + [f"val_acc_x{i + 1}" for i in range(len(extra_vals))]
@@ -633,6 +657,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--distill-weight", type=float, default=d.distill_weight)
     p.add_argument("--init", default="", help="fine-tune: start a new run from these local weights (.npz, model name "
                                               "or folder; same --arch) instead of random ones")
+    p.add_argument("--batch-groups", type=int, default=d.batch_groups,
+                   help="draw each file's share of a batch from the scenes of this many pairs (same-scene negatives); "
+                        "0 = from all pairs")
     p.add_argument("--export", default="", help="model name: write cd_sfm/weights/<name>/ when the run completes")
     p.add_argument("--export-dir", default="")
     return p
@@ -645,7 +672,7 @@ def conf_from_args(args) -> TrainConf:
         val_every=args.val_every, val_pairs=args.val_pairs, ckpt_every=args.ckpt_every, threads=args.threads,
         jit=args.jit, max_train_pairs=args.max_train_pairs, upright=args.upright, export=args.export,
         export_dir=args.export_dir, data_extra=args.data_extra, extra_ratio=args.extra_ratio, arch=args.arch,
-        teacher=args.teacher, distill_weight=args.distill_weight, init=args.init,
+        teacher=args.teacher, distill_weight=args.distill_weight, init=args.init, batch_groups=args.batch_groups,
     )
 
 
