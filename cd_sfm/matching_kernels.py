@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros  # tzcnt (numba's own intrinsic, there since 0.47)
 
 _jit = njit(nogil=True, cache=True, boundscheck=False)
 
@@ -41,7 +42,8 @@ def topk_tile(S, r0, c0, rows, cols):
     first index seen (rows and columns are visited in increasing order) stays, as ``argmax`` decides.
 
     Per row: one vectorised pass flags the values above the row's or their column's bar (bytes, read back 8 at a
-    time as one uint64), then only flagged values are looked at one by one. Flags past the row's end stay 0."""
+    time as one uint64), then only flagged values are looked at one by one, found by their trailing zero count (no
+    branch per byte). Flags past the row's end stay 0."""
     rv, ri, rmin, rpos = rows
     cv, ci, cmin, cpos = cols
     b, m = S.shape
@@ -49,6 +51,7 @@ def topk_tile(S, r0, c0, rows, cols):
     m8 = (m + 7) // 8
     flags = np.zeros(m8 * 8, np.uint8)
     words = flags.view(np.uint64)
+    one = np.uint64(1)
     for r in range(b):
         i = r0 + r
         row = S[r]
@@ -56,16 +59,15 @@ def topk_tile(S, r0, c0, rows, cols):
         for j in range(m):
             flags[j] = np.uint8(row[j] > thr) | np.uint8(row[j] > cm[j])
         for w in range(m8):
-            x = words[w]  # tested in a register: re-reading the flag bytes would stall on the vector store
-            if x:
-                for q in range(8):
-                    if (x >> np.uint64(8 * q)) & np.uint64(1):
-                        j = w * 8 + q
-                        v = row[j]
-                        if v > thr:
-                            thr = _insert(rv, ri, rpos, i, v, c0 + j)
-                        if v > cm[j]:
-                            cm[j] = _insert(cv, ci, cpos, c0 + j, v, i)
+            x = words[w]  # in a register: re-reading the flag bytes would stall on the vector store
+            while x:  # each set flag (bit 0 of its byte), in increasing column order
+                j = w * 8 + (trailing_zeros(x) >> 3)
+                x &= x - one
+                v = row[j]
+                if v > thr:
+                    thr = _insert(rv, ri, rpos, i, v, c0 + j)
+                if v > cm[j]:
+                    cm[j] = _insert(cv, ci, cpos, c0 + j, v, i)
         rmin[i] = thr
 
 
