@@ -38,8 +38,9 @@ def topk_tile(S, r0, c0, rows, cols):
     """Fold the tile ``S`` (rows ``r0..``, columns ``c0..`` of the similarity matrix) into the row lists ``rows`` and
     the column lists ``cols``, each a tuple (values (N, T) float32, indices (N, T) int32, bar (N,) float32, slot of
     the bar (N,) int64): the T largest values seen so far, in no order, with their column / row index, and their
-    minimum, which a new value must pass. A value enters only when strictly larger than that bar, so on ties the
-    first index seen (rows and columns are visited in increasing order) stays, as ``argmax`` decides.
+    minimum, which a new value must pass. A value enters only when strictly larger than that bar, so among equal
+    largest values the first index seen (rows and columns are visited in increasing order) stays, as ``argmax``
+    decides; which of several values equal to the T-th largest stays is not specified.
 
     Per row: one vectorised pass flags the values above the row's or their column's bar (bytes, read back 8 at a
     time as one uint64), then only flagged values are looked at one by one, found by their trailing zero count (no

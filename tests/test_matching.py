@@ -359,3 +359,28 @@ def test_real_descriptors_same_as_reference(tmp_path, preset, fused):
     screened, _ = match_descriptors(d0, d1, normalized=True, cross_ratio=True, screen="auto")
     found, own = agreement(screened, ref)
     assert found > 0.99 and own > 0.99
+
+
+@pytest.mark.parametrize("T", [2, 8])
+def test_topk_tile_keeps_the_largest_first_index_on_ties(T):
+    """The kernel's row and column lists, tile by tile, against the whole matrix: the T largest values, each with
+    an index that holds it, and for the largest the first index that holds it (as argmax decides; which of several
+    equal values at the T-th place stays is not specified). Values on a coarse grid: ties everywhere; tile widths
+    not multiples of 8, so flag words end part-way."""
+    kern = matching._kernels()
+    if kern is None:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(T)
+    n0, n1, tile = 203, 157, 37
+    S = (rng.integers(0, 12, (n0, n1)) / 4).astype(np.float32)
+    rows, cols = matching._empty_lists(n0, T), matching._empty_lists(n1, T)
+    for r0 in range(0, n0, tile):
+        for c0 in range(0, n1, tile + 5):
+            kern.topk_tile(np.ascontiguousarray(S[r0 : r0 + tile, c0 : c0 + tile + 5]), r0, c0, rows, cols)
+    for vals, idx, M in ((rows[0], rows[1], S), (cols[0], cols[1], S.T)):
+        np.testing.assert_array_equal(np.sort(vals, 1), np.sort(M, 1)[:, -T:])
+        np.testing.assert_array_equal(np.take_along_axis(M, idx.astype(np.int64), 1), vals)
+        assert all(len(set(r)) == T for r in idx.tolist())  # each index once
+        best, arg, _ = kern.top2(vals, idx)
+        np.testing.assert_array_equal(arg, M.argmax(1))
+        np.testing.assert_array_equal(best, M.max(1))
