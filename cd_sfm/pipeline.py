@@ -446,6 +446,8 @@ def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str],
         "unregistered": [n for n in used if n not in registered],
         "skipped": skipped,
         "num_models": ms["num_models"],
+        "model_sizes": ms.get("model_sizes", []),
+        "pair_groups": ms.get("pair_groups", []),
         "num_points3D": ms["num_points3D"],
         "mean_track_length": ms["mean_track_length"],
         "mean_reprojection_error": ms["mean_reprojection_error"],
@@ -516,6 +518,22 @@ def sfm_stage(image_dir: str | Path, out_dir: str | Path, conf: dict, progress: 
     return summary
 
 
+def _groups_line(s: dict) -> list[str]:
+    """Why images are missing when the verified pairs do not join them: the groups they form (one model holds one
+    group at most) and the images with no verified pair at all."""
+    groups = s.get("pair_groups") or []
+    alone = s.get("num_images_used", 0) - sum(groups)
+    if len(groups) <= 1 and alone <= 0:
+        return []
+    none = f"{alone} image{'s have' if alone > 1 else ' has'} no verified pair"
+    if len(groups) <= 1:
+        return [f"{none} with any other image (too little overlap, or matches that failed verification)"]
+    shown = ", ".join(str(g) for g in groups[:8]) + (", ..." if len(groups) > 8 else "")
+    return [f"The verified pairs join the images into {len(groups)} separate groups ({shown} images"
+            + (f"; {none}" if alone > 0 else "") + "): one model holds one group at most; photos that overlap two "
+            "groups would join them"]
+
+
 def format_summary(s: dict) -> str:
     """A few readable lines for the end of a run."""
     err = s.get("mean_reprojection_error")
@@ -540,9 +558,14 @@ def format_summary(s: dict) -> str:
     if not agrees(agree) and s.get("num_images_registered", 0) >= 2:
         lines.append(f"Warning: the model agrees with only {agree:.2f} of its verified image pairs (trusted from "
                      f"{MIN_AGREEMENT:g}; no mapping attempt did better): some cameras are likely placed wrongly")
+    sizes = s.get("model_sizes") or []
+    if len(sizes) > 1:
+        shown = ", ".join(f"sparse/{i} {n} images" for i, (n, _) in enumerate(sizes[1:6], 1))
+        lines.append(f"Other models: {shown}" + (f" (+{len(sizes) - 6} more)" if len(sizes) > 6 else ""))
     if s.get("unregistered"):
         more = f" (+{len(s['unregistered']) - 5} more)" if len(s["unregistered"]) > 5 else ""
         lines.append("Not registered: " + ", ".join(s["unregistered"][:5]) + more)
+        lines.extend(_groups_line(s))
     for name, reason in list((s.get("skipped") or {}).items())[:5]:
         lines.append(f"Skipped {name}: {reason}")
     return "\n".join(lines)

@@ -321,7 +321,9 @@ def facts(summary: dict) -> list[tuple[str, str]]:
         ("3D points", str(s.get("num_points3D", 0))),
         ("mean track length", _fmt(s.get("mean_track_length"), ".2f")),
         ("mean reprojection error", _fmt(s.get("mean_reprojection_error"), ".3f") + " px"),
-        ("models", str(s.get("num_models", "n/a"))),
+        ("models", str(s.get("num_models", "n/a")) + (" (" + ", ".join(f"{n}" for n, _ in s["model_sizes"][:8])
+                                                       + " images)" if len(s.get("model_sizes") or []) > 1 else "")),
+        ("verified-pair groups", ", ".join(str(g) for g in (s.get("pair_groups") or [])[:8]) or "n/a"),
         ("features", str(s.get("features")) + (f" (model {s['model']})" if s.get("model") else "")),
         ("precision", _fmt(prec, none="-")),
         ("pairs", f"{s.get('pairs')}: {s.get('num_pairs', 0)} pairs, {s.get('num_verified_pairs', 0)} verified"),

@@ -87,7 +87,8 @@ def test_largest_model_is_sparse_0(tmp_path):
     assert st["num_models"] == 2 and st["num_registered"] == 6
     # the largest connected component of verified pairs has 6 images and the largest model registers them all: no
     # retry and no fallback mapper (the 4 others are a model of their own)
-    assert st["attempts"] == 1 and st["num_connected_images"] == 6
+    assert st["attempts"] == 1 and st["num_connected_images"] == 6 and st["pair_groups"] == [6, 4]
+    assert [n for n, _ in st["model_sizes"]] == [6, 4] and st["model_sizes"][0][1] == st["num_points3D"]
     assert all(n.startswith("big/") for n in st["registered"])
     m0 = pycolmap.Reconstruction(str(tmp_path / "sparse" / "0"))
     m1 = pycolmap.Reconstruction(str(tmp_path / "sparse" / "1"))

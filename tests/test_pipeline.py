@@ -140,6 +140,26 @@ def test_format_summary_is_short_and_readable():
     assert not any(x.startswith("Warning") for x in pipeline.format_summary(s).splitlines())
 
 
+def test_format_summary_says_which_models_and_why_images_are_missing():
+    """A nadir drone survey subsampled along its flight lines (odm_seneca, 24 images): verified pairs in four
+    groups, three models; the summary names the other models and why no model holds every image."""
+    s = {"num_images_registered": 7, "num_images_used": 24, "num_images_found": 24, "output_dir": "out",
+         "num_points3D": 496, "mean_track_length": 3.0, "mean_reprojection_error": 0.13, "seconds": {"total": 1.0},
+         "unregistered": [f"{i}.jpg" for i in range(17)], "model_sizes": [[7, 496], [6, 898], [4, 32]],
+         "pair_groups": [7, 7, 6, 2]}
+    lines = pipeline.format_summary(s).splitlines()
+    assert "Other models: sparse/1 6 images, sparse/2 4 images" in lines
+    why = next(x for x in lines if x.startswith("The verified pairs"))
+    assert "4 separate groups (7, 7, 6, 2 images; 2 images have no verified pair)" in why
+    assert "one model holds one group at most" in why
+    s.update(pair_groups=[23], model_sizes=[[7, 496]])  # one group and an image with no verified pair
+    lines = pipeline.format_summary(s).splitlines()
+    assert not any(x.startswith("Other models") for x in lines)
+    assert "1 image has no verified pair with any other image" in lines[-1]
+    s.update(pair_groups=[24])  # every image in one group: nothing to explain
+    assert len(pipeline.format_summary(s).splitlines()) == 4
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # config presets
 

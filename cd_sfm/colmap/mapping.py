@@ -228,10 +228,11 @@ def _describe(t: dict) -> str:
     return f"{t['mapper']} (seed {t['seed']}): {t['registered']} images, {t['points']} points, agreement {ag}"
 
 
-def _num_connected_images(database_path: Path, min_inliers: int) -> int:
-    """Images in the largest connected component of the verified-pair graph (pairs with at least ``min_inliers``
-    inlier matches): the most one model can register. Images of other components belong to other models, so
-    leaving them out of the largest is no reason to map again."""
+def pair_groups(database_path: Path, min_inliers: int) -> list[int]:
+    """Sizes of the connected components of the verified-pair graph (pairs with at least ``min_inliers`` inlier
+    matches), largest first; images without such a pair are in none. The largest is the most one model can
+    register: images of other components belong to other models, so leaving them out of the largest is no reason
+    to map again."""
     import pycolmap
 
     db = pycolmap.Database.open(str(database_path))
@@ -255,7 +256,7 @@ def _num_connected_images(database_path: Path, min_inliers: int) -> int:
     for x in list(parent):
         r = find(x)
         sizes[r] = sizes.get(r, 0) + 1
-    return max(sizes.values(), default=0)
+    return sorted(sizes.values(), reverse=True)
 
 
 def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path,
@@ -281,7 +282,8 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     t0 = time.perf_counter()
     seed = conf.get("seed")
     seed = int(seed) if seed is not None else -1
-    num_images = _num_connected_images(database_path, _min_num_matches(pipeline_options(conf)))
+    groups = pair_groups(database_path, _min_num_matches(pipeline_options(conf)))
+    num_images = groups[0] if groups else 0
     retries = int(conf.get("retries") or 0) if num_images <= int(conf.get("retry_max_images") or 0) else 0
     logger.info("Mapping (%s) ...", conf["mapper"])
     # the configured mapper; then, while no attempt has registered the whole component with a trusted model: the
@@ -341,7 +343,8 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
             ply.unlink(missing_ok=True)
     stats = model_stats(best)
     stats.update(num_models=len(ranked), mapper=chosen["mapper"], attempts=attempts, seconds=time.perf_counter() - t0,
-                 agreement=chosen["agreement"], num_connected_images=num_images,
+                 agreement=chosen["agreement"], num_connected_images=num_images, pair_groups=groups,
+                 model_sizes=[[rec.num_reg_images(), rec.num_points3D()] for rec in ranked],
                  tried=[{k: v for k, v in t.items() if k != "models"} for t in tried])
     stats["registered"] = sorted(best.images[i].name for i in best.reg_image_ids()) if best is not None else []
     logger.info("Mapping: %d models, the largest with %d images and %d points", len(ranked), stats["num_registered"],
