@@ -47,7 +47,8 @@ Keys:
   (when the incremental mapper still leaves out images with verified pairs, or its model does not agree with the
   two-view geometries, try the global mapper too, and the other way round, keeping the model that registers the
   most images among those that agree: :mod:`cd_sfm.colmap.consistency`; one with more images than the configured
-  mapper's must also hold more 3D points), ``seed`` (-1: random).
+  mapper's must also hold more 3D points), ``min_image_points`` (an image stays in a model only when it observes at
+  least this many of its 3D points, COLMAP's bar for registering an image; 0 keeps all), ``seed`` (-1: random).
 * ``ray``: null (in process), or ``auto`` / ``local`` / a cluster address: extraction and matching run on Ray workers
   (:mod:`cd_sfm.distributed`; same files as in process); ``ray_options``: :class:`cd_sfm.distributed.RayConf` fields
   (``num_workers``, ``ship_data``, ...). Without it nothing imports Ray.
@@ -97,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "hierarchical_options": {},
     "mapping_retries": 1,
     "mapping_fallback": True,
+    "min_image_points": 30,
     "seed": 0,
     "ray": None,
     "ray_options": {},
@@ -231,6 +233,7 @@ class MappingSettings:
     hierarchical_options: dict = field(default_factory=dict)
     retries: int = DEFAULTS["mapping_retries"]
     fallback: bool = DEFAULTS["mapping_fallback"]
+    min_image_points: int = DEFAULTS["min_image_points"]
     seed: int = DEFAULTS["seed"]
 
     def options_of(self, mapper: str | None) -> dict:
@@ -242,7 +245,8 @@ class MappingSettings:
 
         other = OTHER_MAPPER.get(self.mapper)
         return {"mapper": self.mapper, "options": self.options_of(self.mapper), "seed": self.seed,
-                "retries": self.retries, "fallback": self.fallback, "fallback_options": self.options_of(other)}
+                "retries": self.retries, "fallback": self.fallback, "fallback_options": self.options_of(other),
+                "min_image_points": self.min_image_points}
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "mapper": ("mapping", "mapper"), "incremental_options": ("mapping", "incremental_options"),
     "global_options": ("mapping", "global_options"), "hierarchical_options": ("mapping", "hierarchical_options"),
     "mapping_retries": ("mapping", "retries"), "mapping_fallback": ("mapping", "fallback"),
+    "min_image_points": ("mapping", "min_image_points"),
     "seed": ("mapping", "seed"),
     "ray": ("ray", "address"), "ray_options": ("ray", "options"),
 }
@@ -448,6 +453,7 @@ CHECKS = {
     "hierarchical_options": _mapping,
     "mapping_retries": _int(0),
     "mapping_fallback": _bool,
+    "min_image_points": _int(0),
     "seed": _int(-1),
     "ray": _ray,
     "ray_options": _mapping,

@@ -457,6 +457,7 @@ def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str],
         "mapper_used": ms.get("mapper", conf.mapping.mapper),
         "mapping_agreement": ms.get("agreement"),
         "mapping_tried": ms.get("tried", []),
+        "min_image_points": conf.mapping.min_image_points,
         "ray": conf.ray.summary(),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -548,12 +549,16 @@ def format_summary(s: dict) -> str:
     from .colmap.mapping import MIN_AGREEMENT, agrees
 
     tried = s.get("mapping_tried") or []
-    if len(tried) > 1:
+    if len(tried) > 1 or any(t.get("weak_removed") for t in tried):
         lines.append("Mapping tried " + "; ".join(
-            f"{t['mapper']} {t['registered']} images, {t.get('points', 0)} points (agreement "
+            f"{t['mapper']} {t['registered']} images"
+            + (f" (+{t['weak_removed']} left out)" if t.get("weak_removed") else "")
+            + f", {t.get('points', 0)} points (agreement "
             f"{'n/a' if t['agreement'] is None else format(t['agreement'], '.2f')})" for t in tried)
             + f" -> kept {s.get('mapper_used')} (trusted: agreement >= {MIN_AGREEMENT:g}; more images only "
-            "with more points)")
+            "with more points"
+            + (f"; images left out observed fewer than {s.get('min_image_points', 30)} 3D points"
+               if any(t.get("weak_removed") for t in tried) else "") + ")")
     agree = s.get("mapping_agreement")
     if not agrees(agree) and s.get("num_images_registered", 0) >= 2:
         lines.append(f"Warning: the model agrees with only {agree:.2f} of its verified image pairs (trusted from "

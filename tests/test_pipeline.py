@@ -138,6 +138,13 @@ def test_format_summary_is_short_and_readable():
     assert "placed wrongly" in warning
     s["mapping_agreement"] = 0.8
     assert not any(x.startswith("Warning") for x in pipeline.format_summary(s).splitlines())
+    # cameras the global mapper placed without the points to hold them: counted, and said why
+    s["mapping_tried"][1]["weak_removed"] = 5
+    line = next(x for x in pipeline.format_summary(s).splitlines() if x.startswith("Mapping tried"))
+    assert "global 13 images (+5 left out), 376 points" in line
+    assert "images left out observed fewer than 30 3D points" in line
+    s["mapping_tried"] = s["mapping_tried"][1:]  # a single attempt is listed when it left images out
+    assert any(x.startswith("Mapping tried global 13 images (+5") for x in pipeline.format_summary(s).splitlines())
 
 
 def test_format_summary_says_which_models_and_why_images_are_missing():

@@ -30,9 +30,16 @@ logger = logging.getLogger(__name__)
 
 MAPPERS = ("incremental", "global", "hierarchical")
 
+# an image stays in a model only when it observes at least this many of the model's 3D points: COLMAP's incremental
+# mapper registers no image with fewer 2D-3D inliers (abs_pose_min_num_inliers, 30), but the global mapper places
+# cameras from the view graph and returns some that observe few points or none. On EVAL and TRAIN scenes with ground
+# truth, 0-14 % of the model pairs that hold such an image were within 10 degrees of the true relative pose (README,
+# "Pairs and mapping"); 0 keeps every image
+MIN_IMAGE_POINTS = 30
+
 default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
                                 "retry_max_images": 300, "fallback": True, "fallback_options": {},
-                                "fallback_max_images": 5000}
+                                "fallback_max_images": 5000, "min_image_points": MIN_IMAGE_POINTS}
 
 # a model is trusted when at least this share of its verified image pairs agree with it (half or more of a pair's
 # RANSAC inliers within 4 px of the model's epipolar lines, see consistency.py): 1.0 on good models of the TRAIN
@@ -168,19 +175,69 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     return sorted(dict(models or {}).values(), key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
 
 
+def prune_weak_images(rec, min_points: int) -> list[str]:
+    """Deregister from ``rec`` the frames whose images observe fewer than ``min_points`` of its 3D points (again
+    until none is left: a frame's removal takes observations from the others), then those not joined to the largest
+    group of frames by shared 3D points. Returns the names of the images taken out, in the model's order."""
+    removed: list[str] = []
+    if min_points <= 0:
+        return removed
+
+    def drop(frame_ids):
+        for f in frame_ids:
+            removed.extend(rec.images[d.id].name for d in rec.frame(f).image_ids)
+            rec.deregister_frame(f)
+
+    while True:
+        weak = [f for f in rec.reg_frame_ids()
+                if sum(rec.images[d.id].num_points3D for d in rec.frame(f).image_ids) < min_points]
+        if not weak:
+            break
+        drop(weak)
+    parent: dict[int, int] = {f: f for f in rec.reg_frame_ids()}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in rec.points3D.values():
+        frames = {rec.images[e.image_id].frame_id for e in p.track.elements}
+        root = find(frames.pop())
+        for f in frames:
+            parent[find(f)] = root
+    groups: dict[int, list[int]] = {}
+    for f in parent:
+        groups.setdefault(find(f), []).append(f)
+    if len(groups) > 1:
+        keep = max(groups.values(), key=len)
+        drop([f for g in groups.values() if g is not keep for f in g])
+    return removed
+
+
 def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path, num_images: int = 0,
              progress: bool = False) -> dict:
-    """One mapping run and what judges it: registered images and points of its largest model, and that model's
+    """One mapping run and what judges it: registered images and points of its largest model, after the images that
+    observe too few of its points are taken out of every model (:func:`prune_weak_images`), and that model's
     agreement with the verified two-view geometries (:mod:`.consistency`)."""
     from .consistency import agreement
 
     t = time.perf_counter()
     models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress)
+    min_points = int(conf.get("min_image_points", MIN_IMAGE_POINTS) or 0)
+    weak = [prune_weak_images(rec, min_points) for rec in models]
+    if any(weak):
+        logger.info("Mapping (%s): %d images left out of the models: each observed fewer than %d 3D points",
+                    conf["mapper"], sum(map(len, weak)), min_points)
+    models = sorted((r for r in models if r.num_reg_images() >= 2),
+                    key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
     best = models[0] if models else None
     ag = agreement(best, database_path)
     return {"mapper": conf["mapper"], "seed": seed, "registered": best.num_reg_images() if best else 0,
             "points": best.num_points3D() if best else 0, "agreement": ag["agreeing_pairs"],
-            "pairs_checked": ag["pairs"], "seconds": round(time.perf_counter() - t, 1), "models": models}
+            "pairs_checked": ag["pairs"], "weak_removed": sum(map(len, weak)),
+            "seconds": round(time.perf_counter() - t, 1), "models": models}
 
 
 def agrees(agreement: float | None) -> bool:
