@@ -33,12 +33,17 @@ def compare(out_dir: Path, scene: Path | None = None) -> dict:
     from cd_sfm.colmap import mapping
     from cd_sfm.colmap.consistency import agreement
     from cd_sfm.evaluation.sfm import camera_spread, relative_pose_errors, scene_gt
+    from cd_sfm.io import CdSfmError
 
     summary = json.loads((out_dir / "summary.json").read_text())
     images = Path(summary["image_dir"])
     db = out_dir / "database.db"
     scene = scene or (images.parent if images.name == "images" else images)
-    views = scene_gt(scene)
+    try:
+        views = scene_gt(scene)
+    except CdSfmError as e:  # ground truth that does not fit the images: compare without it
+        print(f"{out_dir}: no ground truth ({e})", file=sys.stderr)
+        views = None
     spread = camera_spread(views) if views else 1.0
     settings = config.resolve(out_dir / "config.yaml").mapping if (out_dir / "config.yaml").exists() else None
     tried, rows = [], {}
