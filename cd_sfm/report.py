@@ -302,11 +302,16 @@ def _mapper_fact(s: dict) -> str:
     from .colmap.mapping import MIN_AGREEMENT, agrees
 
     mapper, agree = str(s.get("mapper_used") or s.get("mapper")), s.get("mapping_agreement")
+    kept = [t for t in s.get("mapping_tried") or [] if t.get("mapper") == mapper
+            and t.get("registered") == s.get("num_images_registered")]
+    weak = kept[0].get("weak_removed") if kept else 0
+    left = (f"; {weak} image{'s' if weak > 1 else ''} left out, observing fewer than "
+            f"{s.get('min_image_points', 30)} of its 3D points") if weak else ""
     if not isinstance(agree, (int, float)):
-        return mapper
+        return mapper + (f" ({left[2:]})" if left else "")
     warning = "" if agrees(agree) else \
         f", under the {MIN_AGREEMENT:g} that is trusted: some cameras are likely placed wrongly"
-    return f"{mapper} (agreement with the two-view geometries {agree:.2f}{warning})"
+    return f"{mapper} (agreement with the two-view geometries {agree:.2f}{warning}{left})"
 
 
 def facts(summary: dict) -> list[tuple[str, str]]:
