@@ -393,7 +393,9 @@ def test_sigkill_loses_at_most_seconds_of_contextdesc_work(tmp_path):
     assert proc.poll() is None, proc.stderr.read()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _done_in_parts(out) >= 5
+    # kept in the parts, or already merged into features.h5 when the kill landed as the run ended (a fast CPU)
+    merged = len(list_h5_names(out / "features.h5")) if (out / "features.h5").exists() else 0
+    assert _done_in_parts(out) + merged >= 5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
