@@ -138,21 +138,26 @@ def test_forward_facing_scene_falls_back_to_the_global_mapper(tmp_path):
 def test_prune_weak_images_takes_out_cameras_the_points_do_not_hold():
     """A camera that observes fewer than the bar of 3D points leaves the model (again once others lose points with
     it), and so do frames no longer joined to the largest group by shared points; the rest is untouched."""
-    rec = synthetic_scene(num_images=6, num_points=300, seed=5)
+    rec = synthetic_scene(num_images=7, num_points=300, seed=5)
     ids = sorted(rec.reg_image_ids())
     names = {i: rec.images[i].name for i in ids}
+
+    def weaken(image_id):  # keep 20 of its observations
+        for k, p in enumerate(rec.images[image_id].points2D):
+            if p.has_point3D() and k >= 20:
+                rec.delete_observation(image_id, k)
+        assert 0 < rec.images[image_id].num_points3D < 30
+
     weak = ids[0]
-    for k, p in enumerate(rec.images[weak].points2D):  # keep 20 of the weak image's observations
-        if p.has_point3D() and k >= 20:
-            rec.delete_observation(weak, k)
-    assert 0 < rec.images[weak].num_points3D < 30
+    weaken(weak)
     before = {i: rec.images[i].num_points3D for i in ids[1:]}
     removed = mapping.prune_weak_images(rec, 30)
     assert removed == [names[weak]] and sorted(rec.reg_image_ids()) == ids[1:]
     assert all(rec.images[i].num_points3D >= before[i] - 20 for i in ids[1:])
     assert mapping.prune_weak_images(rec, 0) == [] and mapping.prune_weak_images(rec, 30) == []
-    # two images that share no point with the rest (each shared point keeps one side's observations): a group of
-    # their own, left out
+    # two images that share no point with the other four (each shared point keeps one side's observations), and a
+    # weak image among those four: once it is out, the two are a group of their own, left out too (a mapper's model
+    # is joined by its points, so only a removal can cut it)
     alone = set(ids[1:3])
     for k, pid in enumerate(sorted(rec.point3D_ids())):
         els = [(e.image_id, e.point2D_idx) for e in rec.points3D[pid].track.elements]
@@ -162,5 +167,8 @@ def test_prune_weak_images_takes_out_cameras_the_points_do_not_hold():
                 if (i in alone) == (k % 2 == 0) and rec.exists_point3D(pid):
                     rec.delete_observation(i, j)
     assert all(rec.images[i].num_points3D >= 30 for i in rec.reg_image_ids())
+    assert mapping.prune_weak_images(rec, 30) == []  # split, but nothing removed: left as the mapper gave it
+    weaken(ids[6])
     removed = mapping.prune_weak_images(rec, 30)
-    assert sorted(removed) == sorted(names[i] for i in alone) and sorted(rec.reg_image_ids()) == ids[3:]
+    assert removed[0] == names[ids[6]] and sorted(removed[1:]) == sorted(names[i] for i in alone)
+    assert sorted(rec.reg_image_ids()) == ids[3:6]

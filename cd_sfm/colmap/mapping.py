@@ -194,6 +194,8 @@ def prune_weak_images(rec, min_points: int) -> list[str]:
         if not weak:
             break
         drop(weak)
+    if not removed:  # a mapper's model is joined by its points; only a removal can cut it
+        return removed
     parent: dict[int, int] = {f: f for f in rec.reg_frame_ids()}
 
     def find(x):
