@@ -69,7 +69,7 @@ from typing import Any
 import yaml
 
 from .colmap.database import CAMERA_MODES, DESCRIPTOR_UINT8_MODES
-from .colmap.mapping import MAPPERS
+from .colmap.mapping import MAPPERS, MIN_IMAGE_POINTS
 from .io import CdSfmError, atomic_write_text
 from .models import PRECISIONS  # ContextDesc inference (re-exported for the CLIs)
 
@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "hierarchical_options": {},
     "mapping_retries": 1,
     "mapping_fallback": True,
-    "min_image_points": 30,
+    "min_image_points": MIN_IMAGE_POINTS,
     "seed": 0,
     "ray": None,
     "ray_options": {},

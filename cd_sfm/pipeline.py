@@ -458,6 +458,7 @@ def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str],
         "mapping_agreement": ms.get("agreement"),
         "mapping_tried": ms.get("tried", []),
         "min_image_points": conf.mapping.min_image_points,
+        "images_left_out": ms.get("weak_removed", 0),
         "ray": conf.ray.summary(),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -549,7 +550,8 @@ def format_summary(s: dict) -> str:
     from .colmap.mapping import MIN_AGREEMENT, agrees
 
     tried = s.get("mapping_tried") or []
-    if len(tried) > 1 or any(t.get("weak_removed") for t in tried):
+    pruned = any(t.get("weak_removed") for t in tried)
+    if len(tried) > 1 or pruned:
         lines.append("Mapping tried " + "; ".join(
             f"{t['mapper']} {t['registered']} images"
             + (f" (+{t['weak_removed']} left out)" if t.get("weak_removed") else "")
@@ -558,7 +560,7 @@ def format_summary(s: dict) -> str:
             + f" -> kept {s.get('mapper_used')} (trusted: agreement >= {MIN_AGREEMENT:g}; more images only "
             "with more points"
             + (f"; images left out observed fewer than {s.get('min_image_points', 30)} 3D points"
-               if any(t.get("weak_removed") for t in tried) else "") + ")")
+               if pruned else "") + ")")
     agree = s.get("mapping_agreement")
     if not agrees(agree) and s.get("num_images_registered", 0) >= 2:
         lines.append(f"Warning: the model agrees with only {agree:.2f} of its verified image pairs (trusted from "

@@ -302,9 +302,7 @@ def _mapper_fact(s: dict) -> str:
     from .colmap.mapping import MIN_AGREEMENT, agrees
 
     mapper, agree = str(s.get("mapper_used") or s.get("mapper")), s.get("mapping_agreement")
-    kept = [t for t in s.get("mapping_tried") or [] if t.get("mapper") == mapper
-            and t.get("registered") == s.get("num_images_registered")]
-    weak = kept[0].get("weak_removed") if kept else 0
+    weak = s.get("images_left_out") or 0
     left = (f"; {weak} image{'s' if weak > 1 else ''} left out, observing fewer than "
             f"{s.get('min_image_points', 30)} of its 3D points") if weak else ""
     if not isinstance(agree, (int, float)):

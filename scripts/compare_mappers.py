@@ -57,7 +57,7 @@ def compare(out_dir: Path, scene: Path | None = None) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
         row = {"registered": rec.num_reg_images() if rec else 0, "points": rec.num_points3D() if rec else 0,
                "agreement": agreement(rec, db)["agreeing_pairs"] if rec else None}
-        weak = _weak_images(rec) if rec is not None else set()
+        weak = _weak_images(rec, mapping.MIN_IMAGE_POINTS) if rec is not None else set()
         row["weak"] = len(weak) / row["registered"] if row["registered"] else None
         if views and rec is not None:
             rp = relative_pose_errors(rec, views, spread)
@@ -87,7 +87,7 @@ def compare(out_dir: Path, scene: Path | None = None) -> dict:
             "kept": kept}
 
 
-def _weak_images(rec, min_points: int = 30) -> set[str]:
+def _weak_images(rec, min_points: int) -> set[str]:
     """Names of the registered images that observe fewer than ``min_points`` 3D points."""
     return {rec.images[i].name for i in rec.reg_image_ids() if rec.images[i].num_points3D < min_points}
 

@@ -84,7 +84,7 @@ def test_facts_flag_a_model_that_disagrees_with_its_pairs():
     assert mapper({"mapper_used": "global"}) == "global"
     pruned = {"mapper_used": "global", "mapping_agreement": 1.0, "num_images_registered": 9, "min_image_points": 30,
               "mapping_tried": [{"mapper": "incremental", "registered": 5, "weak_removed": 0},
-                                {"mapper": "global", "registered": 9, "weak_removed": 5}]}
+                                {"mapper": "global", "registered": 9, "weak_removed": 5}], "images_left_out": 5}
     assert mapper(pruned) == ("global (agreement with the two-view geometries 1.00; 5 images left out, observing "
                               "fewer than 30 of its 3D points)")
 

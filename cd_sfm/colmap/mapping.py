@@ -172,7 +172,11 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
             models = pycolmap.global_mapping(str(database_path), str(image_dir), str(tmp), opts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(dict(models or {}).values(), key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
+    return sorted(dict(models or {}).values(), key=_model_size, reverse=True)
+
+
+def _model_size(rec) -> tuple[int, int]:
+    return rec.num_reg_images(), rec.num_points3D()
 
 
 def prune_weak_images(rec, min_points: int) -> list[str]:
@@ -196,26 +200,36 @@ def prune_weak_images(rec, min_points: int) -> list[str]:
         drop(weak)
     if not removed:  # a mapper's model is joined by its points; only a removal can cut it
         return removed
-    parent: dict[int, int] = {f: f for f in rec.reg_frame_ids()}
+    frame_of = {i: rec.images[i].frame_id for i in rec.reg_image_ids()}
+
+    def links():  # each observation's frame to the frame of its track's first one
+        for p in rec.points3D.values():
+            first, *rest = (frame_of[e.image_id] for e in p.track.elements)
+            yield from ((first, f) for f in rest)
+
+    groups = _components(rec.reg_frame_ids(), links())
+    if len(groups) > 1:
+        keep = max(groups, key=len)
+        drop([f for g in groups if g is not keep for f in g])
+    return removed
+
+
+def _components(nodes, links) -> list[list]:
+    """Connected components (lists of nodes) of the graph of ``nodes`` plus the ends of ``links`` (pairs)."""
+    parent = {x: x for x in nodes}
 
     def find(x):
-        while parent[x] != x:
+        while parent.setdefault(x, x) != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    for p in rec.points3D.values():
-        frames = {rec.images[e.image_id].frame_id for e in p.track.elements}
-        root = find(frames.pop())
-        for f in frames:
-            parent[find(f)] = root
-    groups: dict[int, list[int]] = {}
-    for f in parent:
-        groups.setdefault(find(f), []).append(f)
-    if len(groups) > 1:
-        keep = max(groups.values(), key=len)
-        drop([f for g in groups.values() if g is not keep for f in g])
-    return removed
+    for a, b in links:
+        parent[find(a)] = find(b)
+    groups: dict = {}
+    for x in list(parent):
+        groups.setdefault(find(x), []).append(x)
+    return list(groups.values())
 
 
 def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path, num_images: int = 0,
@@ -232,8 +246,7 @@ def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: P
     if any(weak):
         logger.info("Mapping (%s): %d images left out of the models: each observed fewer than %d 3D points",
                     conf["mapper"], sum(map(len, weak)), min_points)
-    models = sorted((r for r in models if r.num_reg_images() >= 2),
-                    key=lambda r: (r.num_reg_images(), r.num_points3D()), reverse=True)
+    models = sorted((r for r in models if r.num_reg_images() >= 2), key=_model_size, reverse=True)
     best = models[0] if models else None
     ag = agreement(best, database_path)
     return {"mapper": conf["mapper"], "seed": seed, "registered": best.num_reg_images() if best else 0,
@@ -299,23 +312,8 @@ def pair_groups(database_path: Path, min_inliers: int) -> list[int]:
         pair_ids, counts = db.read_two_view_geometry_num_inliers()
     finally:
         db.close()
-    parent: dict[int, int] = {}
-
-    def find(x):
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for pid, n in zip(pair_ids, counts):
-        if n >= min_inliers:
-            a, b = pycolmap.pair_id_to_image_pair(pid)
-            parent[find(a)] = find(b)
-    sizes: dict[int, int] = {}
-    for x in list(parent):
-        r = find(x)
-        sizes[r] = sizes.get(r, 0) + 1
-    return sorted(sizes.values(), reverse=True)
+    links = (pycolmap.pair_id_to_image_pair(pid) for pid, n in zip(pair_ids, counts) if n >= min_inliers)
+    return sorted(map(len, _components((), links)), reverse=True)
 
 
 def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path,
@@ -403,7 +401,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     stats = model_stats(best)
     stats.update(num_models=len(ranked), mapper=chosen["mapper"], attempts=attempts, seconds=time.perf_counter() - t0,
                  agreement=chosen["agreement"], num_connected_images=num_images, pair_groups=groups,
-                 model_sizes=[[rec.num_reg_images(), rec.num_points3D()] for rec in ranked],
+                 model_sizes=[list(_model_size(rec)) for rec in ranked], weak_removed=chosen["weak_removed"],
                  tried=[{k: v for k, v in t.items() if k != "models"} for t in tried])
     stats["registered"] = sorted(best.images[i].name for i in best.reg_image_ids()) if best is not None else []
     logger.info("Mapping: %d models, the largest with %d images and %d points", len(ranked), stats["num_registered"],
