@@ -110,6 +110,9 @@ def _add_features(p: argparse.ArgumentParser) -> None:
     g.add_argument("--features", help=f"feature preset: {', '.join(_features_choices())}")
     g.add_argument("--max-image-size", type=int, help="longest image side the features see (0: full size)")
     g.add_argument("--max-keypoints", type=int, help="keypoints per image at most")
+    g.add_argument("--masks", metavar="DIR",
+                   help="feature masks as COLMAP's mask_path: image a/b.jpg -> DIR/a/b.jpg.png (or a/b.png), black = "
+                        "no keypoints")
     g.add_argument("--model", help="ContextDesc model: a name of `cd-sfm models list` or a folder holding local.npz "
                                    "(default: the shipped model)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
@@ -162,6 +165,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     keys = ["features", "max_image_size", "model", "augment", "pairs", "overlap", "num_neighbors", "retrieval",
             "matching", "camera_mode", "camera_model", "prior_focal_length", "mapper", "seed", "ray"]
     over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "masks", None) is not None:
+        over["masks"] = str(Path(args.masks).resolve())  # config.yaml must find it from any folder
     fo = {k: getattr(args, k) for k in ("max_keypoints", "precision") if getattr(args, k, None) is not None}
     if fo:
         over["features_options"] = fo

@@ -21,6 +21,10 @@ Keys:
 * ``model``: the ContextDesc model (a name of ``cd-sfm models list`` or a folder holding ``local.npz``; null: the
   shipped default, recorded by name in the saved ``config.yaml``); ``augment``: false stores the raw local
   descriptors even when the model has augmentation weights. Both only matter for ContextDesc features.
+* ``masks``: a folder of feature masks as COLMAP's ``--ImageReader.mask_path`` (image ``a/b.jpg`` -> mask
+  ``a/b.jpg.png``, or ``a/b.png``; black pixels get no keypoints; drawn on the stored pixels): for turntables, fixed
+  overlays, a drone's landing gear. Images without a mask are not masked; an image whose mask is added, changed or
+  removed is extracted (and matched) again.
 * ``pairs``: ``auto`` (the default: exhaustive up to 50 images, else retrieval, plus sequential when the names or
   EXIF times look like a sequence; :mod:`cd_sfm.pairs.auto`), ``exhaustive``, ``sequential`` (each image with the
   next ``overlap``), ``retrieval`` (each image with its ``num_neighbors`` most similar), the path of a pair file
@@ -80,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "model": None,
     "augment": True,
     "model_digest": None,  # recorded by the pipeline (hash of the ContextDesc weights used), not set by users
+    "masks": None,
     "pairs": "auto",
     "overlap": 10,
     "num_neighbors": 20,
@@ -127,6 +132,7 @@ class FeatureSettings:
     model: str | None = None
     augment: bool = True
     model_digest: str | None = None
+    masks: str | None = None
 
     @functools.cached_property
     def _preset(self) -> dict:
@@ -267,7 +273,7 @@ class RaySettings:
 FLAT: dict[str, tuple[str, str]] = {
     "features": ("features", "features"), "max_image_size": ("features", "max_image_size"),
     "features_options": ("features", "options"), "model": ("features", "model"), "augment": ("features", "augment"),
-    "model_digest": ("features", "model_digest"),
+    "model_digest": ("features", "model_digest"), "masks": ("features", "masks"),
     "pairs": ("pairs", "pairs"), "overlap": ("pairs", "overlap"), "num_neighbors": ("pairs", "num_neighbors"),
     "retrieval": ("pairs", "retrieval"),
     "matching": ("matching", "matching"), "matching_options": ("matching", "options"),
@@ -435,6 +441,7 @@ CHECKS = {
     "model": _str(none=True),
     "augment": _bool,
     "model_digest": _str(none=True),
+    "masks": _str(none=True),
     "pairs": _str(),
     "overlap": _int(1),
     "num_neighbors": _int(1),

@@ -313,6 +313,55 @@ def upright_to_stored(xy: np.ndarray, angles: np.ndarray | None, orientation: in
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# masks
+
+# PIL's transposes that turn stored pixels upright, per EXIF orientation (what ImageOps.exif_transpose applies)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def find_mask(mask_dir: str | Path, name: str) -> Path | None:
+    """The mask file of image ``name`` (relative to the image folder) in ``mask_dir``: COLMAP's convention
+    (``--ImageReader.mask_path``), ``a/b.jpg`` -> ``mask_dir/a/b.jpg.png``, else ``mask_dir/a/b.png``; None when
+    neither exists."""
+    for cand in (Path(mask_dir) / f"{name}.png", (Path(mask_dir) / name).with_suffix(".png")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_mask(path: str | Path, stored_size: tuple[int, int], orientation: int = 1,
+              image_name: str | None = None) -> np.ndarray:
+    """A feature mask as COLMAP reads it: any image file, zero pixels (black) = no features there. Returns an (H, W)
+    uint8 array (255 where features may lie) in the upright frame of the image (EXIF ``orientation`` applied, as
+    :func:`read_image` turns the image), at the image's size.
+
+    ``stored_size`` is the image file's (width, height) as stored, the frame COLMAP's masks are drawn in. A mask of
+    another size with the same aspect ratio (within 1 %) is resized (nearest pixel); otherwise, or when the file
+    cannot be read, raises :class:`CdSfmError` naming the mask."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            m = img.convert("L")
+    except FileNotFoundError:
+        raise CdSfmError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise CdSfmError(f"{path}: cannot read mask ({e})") from e
+    w, h = stored_size
+    mw, mh = m.size
+    if (mw, mh) != (w, h):
+        if abs(mw / mh - w / h) > 0.01 * (w / h):
+            of = f" of {image_name}" if image_name else ""
+            raise CdSfmError(f"{path}: mask is {mw}x{mh}, the image{of} is {w}x{h} (another aspect ratio)")
+        m = m.resize((w, h), Image.Resampling.NEAREST)
+    if orientation in _UPRIGHT:
+        m = m.transpose(_UPRIGHT[orientation])
+    return np.where(np.asarray(m) > 0, 255, 0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # header information
 
 

@@ -483,7 +483,9 @@ def matching_settings(conf: dict, features_path: Path) -> dict:
 
 
 def _version(attrs: dict) -> str:
-    return f"{attrs['source_size']}:{attrs['source_mtime_ns']}" if "source_size" in attrs else ""
+    """Which version of an image (and of its mask) a feature entry was made from."""
+    v = f"{attrs['source_size']}:{attrs['source_mtime_ns']}" if "source_size" in attrs else ""
+    return v + (f":mask{attrs['mask_size']}:{attrs['mask_mtime_ns']}" if "mask_size" in attrs else "")
 
 
 def _stale_pairs(matches_path: Path, done: set[str], versions: dict[str, str]) -> set[str]:

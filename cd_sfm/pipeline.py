@@ -249,7 +249,7 @@ def run_extract(image_dir: str | Path, out_dir: str | Path, conf: dict, overwrit
     check_pair_names(found, image_dir)
     with ray_session(conf) as executor:
         stats = extract.main(conf.features.extraction_conf(), image_dir, out_dir / FEATURES, image_list=found,
-                             overwrite=overwrite, progress=progress, executor=executor)
+                             overwrite=overwrite, progress=progress, executor=executor, mask_dir=conf.features.masks)
     skipped.update(stats.get("skipped") or {})
     counts = keypoint_counts(out_dir / FEATURES, [n for n in found if n not in skipped])
     for n in found:
@@ -419,7 +419,8 @@ def _reconstruct(image_dir: Path, out_dir: Path, conf: dict, overwrite: bool, pr
 
     summary = make_summary(image_dir, out_dir, conf, ex["found"], used, skipped, sfm, seconds, num_pairs=len(pairs))
     summary.update(features_extracted=ex["extracted"], features_reused=ex["reused"], pairs_matched=mt["matched"],
-                   pairs_reused=mt["reused"], pairs_chosen=chosen.get("reason"),
+                   pairs_reused=mt["reused"], pairs_chosen=chosen.get("reason"), masks=conf.features.masks,
+                   masked_images=ex.get("masked", 0),
                    precision=ex.get("precision") or _saved_precision(out_dir, conf))
     write_summary(out_dir, summary)
     logger.info("Registered %d / %d images in %.1f s; summary in %s", summary["num_images_registered"], len(used),
@@ -547,6 +548,8 @@ def format_summary(s: dict) -> str:
         (f"Reused {s['features_reused']} image features and {s.get('pairs_reused', 0)} pair matches; "
          if "features_reused" in s else "") + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
     ]
+    if s.get("masked_images"):
+        lines.append(f"Masked {s['masked_images']} of {s['num_images_found']} images (masks from {s.get('masks')})")
     from .colmap.mapping import MIN_AGREEMENT, agrees
 
     tried = s.get("mapping_tried") or []

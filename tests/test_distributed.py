@@ -135,3 +135,28 @@ def test_cli_ray_local_equals_in_process(scene, tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
     assert_same_h5(tmp_path / "ref" / "features.h5", tmp_path / "ray" / "features.h5")
     assert_same_h5(tmp_path / "ref" / "matches.h5", tmp_path / "ray" / "matches.h5")
+
+
+def test_ray_ships_masks(ray_cluster, scene, tmp_path):
+    """Masks travel with their images when workers share no file system: the same features as masked extraction in
+    process, and a bad mask is reported with its real path, not the worker's temporary copy."""
+    import cv2
+
+    from cd_sfm import distributed
+    from cd_sfm.features import extract
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    good, bad = scene.names[0], scene.names[1]
+    m = np.zeros((360, 480), np.uint8)
+    m[:, :240] = 255
+    cv2.imwrite(str(masks / f"{good}.png"), m)
+    (masks / f"{bad}.png").write_bytes(b"not a png")
+    ref = extract.main(FEATURE_CONF, scene.image_dir, tmp_path / "ref.h5", progress=False, mask_dir=masks)
+    stats = extract.main(FEATURE_CONF, scene.image_dir, tmp_path / "ray.h5", progress=False, mask_dir=masks,
+                         executor=distributed.RayExecutor({"num_workers": 1, "ship_data": True}))
+    assert list(stats["skipped"]) == [bad] == list(ref["skipped"])
+    assert stats["skipped"][bad] == ref["skipped"][bad] and str(masks / f"{bad}.png") in stats["skipped"][bad]
+    assert_same_h5(tmp_path / "ref.h5", tmp_path / "ray.h5")
+    with h5py.File(tmp_path / "ray.h5") as f:
+        assert f[good]["keypoints"][()][:, 0].max() < 240 and "mask_size" in f[good].attrs

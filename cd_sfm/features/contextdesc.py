@@ -26,7 +26,7 @@ import numpy as np
 
 from ..models.registry import DEFAULT_MODEL
 from . import register
-from .patches import SiftDetectorConf, detect_sift, extract_patches, to_gray
+from .patches import SiftDetectorConf, detect_sift, extract_patches, fit_mask, to_gray
 
 logger = logging.getLogger(__name__)
 _SAID: set = set()
@@ -218,24 +218,25 @@ class ContextDescBackend:
             cv2.setNumThreads(old_cv)
 
     # ---- extraction
-    def extract(self, image: np.ndarray) -> dict:
-        """Features of one image (see the module docstring of ``cd_sfm.features``); extra key ``matchability``."""
-        return self._extract(image, keep_local=False)
+    def extract(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict:
+        """Features of one image (see the module docstring of ``cd_sfm.features``); extra key ``matchability``.
+        ``mask``: keypoints only where it is non-zero (any size, resized to the image's)."""
+        return self._extract(image, keep_local=False, mask=mask)
 
-    def extract_with_local(self, image: np.ndarray) -> dict:
+    def extract_with_local(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict:
         """As ``extract``, plus ``local_descriptors`` (N, 128): the raw local descriptors, L2-normalised."""
-        return self._extract(image, keep_local=True)
+        return self._extract(image, keep_local=True, mask=mask)
 
-    def _extract(self, image: np.ndarray, keep_local: bool) -> dict:
+    def _extract(self, image: np.ndarray, keep_local: bool, mask: np.ndarray | None = None) -> dict:
         with self._lock:
             self._inflight += 1
         try:
-            return self._extract_one(image, keep_local)
+            return self._extract_one(image, keep_local, mask)
         finally:
             with self._lock:
                 self._inflight -= 1
 
-    def _extract_one(self, image: np.ndarray, keep_local: bool) -> dict:
+    def _extract_one(self, image: np.ndarray, keep_local: bool, mask: np.ndarray | None = None) -> dict:
         from ..geometry import l2_normalize, normalized_keypoints
 
         img = np.asarray(image)
@@ -251,7 +252,7 @@ class ContextDescBackend:
         tm = {}
         t0 = time.perf_counter()
         gray = to_gray(work)
-        kp = detect_sift(gray, self.detector)
+        kp = detect_sift(gray, self.detector, mask=fit_mask(mask, gray.shape))
         n = len(kp["keypoints"])
         t1 = time.perf_counter()
         # raw patches: every runner standardises them itself (the Keras model's PatchStandardize, the int8 runner in

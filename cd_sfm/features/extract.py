@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 from ..progress import tqdm
 
-from ..images import exif_orientation, list_images, read_image, resize_max, upright_to_stored
+from ..images import exif_orientation, find_mask, list_images, read_image, read_mask, resize_max, upright_to_stored
 from ..io import ATTRS_KEY, CdSfmError, H5Appender, check_file_settings, completed_names, entry_attrs, \
     features_to_h5, merge_parts
 from . import get_backend
@@ -144,17 +144,37 @@ def source_stamp(path: Path) -> dict:
     return {"source_size": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns)}
 
 
-def extract_image(backend, conf: dict, path: Path, stamp: dict | None = None) -> dict[str, np.ndarray]:
+def mask_stamp(path: Path | None) -> dict:
+    """The :func:`source_stamp` of a mask file as feature attributes (``mask_size``, ``mask_mtime_ns``); empty
+    without a mask."""
+    if path is None:
+        return {}
+    st = source_stamp(path)
+    return {"mask_size": st["source_size"], "mask_mtime_ns": st["source_mtime_ns"]}
+
+
+def extract_image(backend, conf: dict, path: Path, stamp: dict | None = None, mask: Path | None = None,
+                  mask_stamp_: dict | None = None, name: str | None = None) -> dict[str, np.ndarray]:
     """One image through a backend: read (EXIF upright), resize to ``max_image_size``, extract, keypoints back to the
     original frame and then to the file's stored pixels (what COLMAP reads: it ignores EXIF orientation), the stored
     layout (``features_to_h5``) with the file's :func:`source_stamp` as group attributes. Raises ``CdSfmError`` for
-    an unreadable image. ``stamp``: the :func:`source_stamp` of the original when ``path`` is a copy of it."""
+    an unreadable image or mask. ``stamp``: the :func:`source_stamp` of the original when ``path`` is a copy of it.
+    ``mask``: a mask file as COLMAP's (drawn on the stored pixels, black = no features;
+    :func:`~cd_sfm.images.read_mask`), its stamp recorded with the features (``mask_stamp_`` when ``mask`` is a
+    copy)."""
     grayscale = bool(getattr(backend, "grayscale", False))
     image, original_size = _read_original(path, grayscale, conf.get("max_image_size"))
     stamp = stamp or source_stamp(path)
-    feats = backend.extract(image)
-    feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
     orientation = exif_orientation(path)
+    if mask is not None:
+        w, h = original_size
+        stored = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        m = read_mask(mask, stored, orientation, name or path.name)
+        feats = backend.extract(image, mask=m)
+        stamp = {**stamp, **(mask_stamp_ or mask_stamp(mask))}
+    else:
+        feats = backend.extract(image)
+    feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
     if orientation != 1:  # features were found upright; COLMAP and its GUI see the stored pixels
         w, h = original_size
         stored = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -186,22 +206,38 @@ class ExtractWorker:
     def session(self, n: int):
         return self.backend.concurrent(n) if n > 1 else contextlib.nullcontext()
 
-    def extract(self, name: str, path: str, data: bytes | None = None,
-                stamp: dict | None = None) -> tuple[str, dict | str]:
-        """(name, stored feature dict), or (name, the one-line reason) for an unreadable image. ``data``: the file's
-        bytes and ``stamp`` its :func:`source_stamp`, shipped by the driver (no shared file system)."""
-        tmp = None
+    def extract(self, name: str, path: str, data: bytes | None = None, stamp: dict | None = None,
+                mask: str | None = None, mask_data: bytes | None = None,
+                mask_stamp_: dict | None = None) -> tuple[str, dict | str]:
+        """(name, stored feature dict), or (name, the one-line reason) for an unreadable image or mask. ``data``: the
+        file's bytes and ``stamp`` its :func:`source_stamp`, shipped by the driver (no shared file system); ``mask``
+        the path of its mask file (``mask_data``, ``mask_stamp_`` likewise when shipped)."""
+        tmp = tmp_mask = None
         try:
             if data is not None:
-                fd, tmp = tempfile.mkstemp(suffix=Path(name).suffix)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            return name, extract_image(self.backend, self.conf, Path(tmp or path), stamp)
-        except CdSfmError as e:  # an unreadable image: reported with its real path, skipped by the stage
-            return name, str(e).replace(tmp, str(path)) if tmp else str(e)
+                tmp = _spill(data, Path(name).suffix)
+            if mask is not None and mask_data is not None:
+                tmp_mask = _spill(mask_data, Path(mask).suffix)
+            return name, extract_image(self.backend, self.conf, Path(tmp or path), stamp,
+                                       Path(tmp_mask or mask) if mask else None, mask_stamp_, name)
+        except CdSfmError as e:  # an unreadable image or mask: reported with its real path, skipped by the stage
+            msg = str(e)
+            for t, real in ((tmp, path), (tmp_mask, mask)):
+                if t:
+                    msg = msg.replace(t, str(real))
+            return name, msg
         finally:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
+            for t in (tmp, tmp_mask):
+                if t:
+                    Path(t).unlink(missing_ok=True)
+
+
+def _spill(data: bytes, suffix: str) -> str:
+    """Write shipped bytes to a temporary file (its path)."""
+    fd, tmp = tempfile.mkstemp(suffix=suffix)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return tmp
 
 
 def pinned_conf(conf: dict, backend) -> dict:
@@ -232,13 +268,24 @@ def feature_settings(conf: dict) -> dict:
     return {k: conf.get(k) for k in ("backend", "options", "max_image_size", "descriptor_dtype", "model_digest")}
 
 
-def _changed_sources(image_dir: Path, feature_path: Path, names: list[str]) -> list[str]:
+def _changed_sources(image_dir: Path, feature_path: Path, names: list[str],
+                     masks: dict[str, Path | None] | None = None) -> list[str]:
     """Names whose image file no longer has the size and modification time recorded with its features (entries
-    written before these were recorded count as unchanged)."""
+    written before these were recorded count as unchanged), or whose mask (``masks``: name -> mask file or None)
+    is not the one they were extracted with: added, removed or changed."""
     if not names:
         return []
+    masks = masks or {}
     changed = []
     for n, attrs in entry_attrs(feature_path, names).items():
+        was = (int(attrs["mask_size"]), int(attrs["mask_mtime_ns"])) if "mask_size" in attrs else None
+        try:
+            m = mask_stamp(masks.get(n))
+        except OSError:
+            m = {}
+        if was != ((m["mask_size"], m["mask_mtime_ns"]) if m else None):
+            changed.append(n)
+            continue
         if "source_size" not in attrs:
             continue
         try:
@@ -250,6 +297,22 @@ def _changed_sources(image_dir: Path, feature_path: Path, names: list[str]) -> l
     return sorted(changed)
 
 
+def find_masks(mask_dir: str | Path | None, names: list[str]) -> dict[str, Path | None]:
+    """Each image's mask file in ``mask_dir`` (:func:`~cd_sfm.images.find_mask`; None: none there), with a warning
+    naming how many images have none. Raises ``CdSfmError`` when ``mask_dir`` is not a folder."""
+    if mask_dir is None:
+        return {}
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise CdSfmError(f"{mask_dir}: mask folder not found")
+    masks = {n: find_mask(mask_dir, n) for n in names}
+    missing = [n for n, m in masks.items() if m is None]
+    if missing:
+        logger.warning("%d of %d images have no mask in %s (e.g. %s would be %s): their features are not masked",
+                       len(missing), len(names), mask_dir, missing[0], mask_dir / f"{missing[0]}.png")
+    return masks
+
+
 def main(
     conf: dict | str,
     image_dir: str | Path,
@@ -259,6 +322,7 @@ def main(
     progress: bool = True,
     backend=None,
     executor=None,
+    mask_dir: str | Path | None = None,
 ) -> dict:
     """Extract features of the images of ``image_dir`` into ``feature_path``.
 
@@ -268,6 +332,9 @@ def main(
     ``backend``: an already built backend instance (then ``conf['backend']``/``options`` are not used).
     ``executor``: where the images are extracted (:mod:`cd_sfm.executors`; default: in this process). The backend is
     built here first either way, so that run-time choices (``precision: auto``) are made once for every worker.
+    ``mask_dir``: feature masks as COLMAP's ``--ImageReader.mask_path`` (``a/b.jpg`` -> ``mask_dir/a/b.jpg.png``, or
+    ``a/b.png``; black = no features; :func:`~cd_sfm.images.read_mask`); images without one are not masked, and an
+    image whose mask was added, changed or removed since its features were stored is extracted again.
 
     Returns ``{"extracted": n, "reused": n, "skipped": {name: reason}, "no_keypoints": [names], "seconds": s,
     "feature_path": str, "precision": ...}``. Unreadable images are skipped with a warning, never abort the run.
@@ -284,7 +351,8 @@ def main(
     if not overwrite:
         check_file_settings(feature_path, settings, "features")
     done = set() if overwrite else completed_names(feature_path)
-    changed = _changed_sources(image_dir, feature_path, [n for n in names if n in done])
+    masks = find_masks(mask_dir, names)
+    changed = _changed_sources(image_dir, feature_path, [n for n in names if n in done], masks)
     if changed:
         logger.info("%d image(s) changed since their features were extracted (e.g. %s): extracting them again",
                     len(changed), changed[0])
@@ -308,8 +376,8 @@ def main(
 
         def tasks():
             for name in todo:
-                path = image_dir / name
-                data = stamp = None
+                path, mask = image_dir / name, masks.get(name)
+                data = stamp = mask_data = mstamp = None
                 if executor.ships_data:
                     try:
                         stamp = source_stamp(path)
@@ -317,7 +385,14 @@ def main(
                     except OSError as e:  # the worker reports the unreadable file
                         data = b""
                         logger.debug("cannot read %s: %s", path, e)
-                yield name, str(path), data, stamp
+                    if mask is not None:
+                        try:
+                            mstamp = mask_stamp(mask)
+                            mask_data = mask.read_bytes()
+                        except OSError as e:
+                            mask_data = b""
+                            logger.debug("cannot read %s: %s", mask, e)
+                yield name, str(path), data, stamp, str(mask) if mask else None, mask_data, mstamp
 
         # a part file every 16 images or two seconds: a killed run loses at most that much work
         with H5Appender(feature_path, flush_every=16, flush_seconds=2.0, settings=settings) as out, \
@@ -346,6 +421,7 @@ def main(
         "seconds": time.monotonic() - t0,
         "feature_path": str(feature_path),
         "precision": precision,
+        "masked": sum(m is not None for m in masks.values()),
     }
     logger.info("Features: %d extracted, %d reused, %d skipped (%.1f s)", extracted, reused, len(skipped),
                 stats["seconds"])

@@ -30,13 +30,16 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def detect_sift(gray: np.ndarray, conf: SiftDetectorConf = SiftDetectorConf(), descriptors: bool = False):
+def detect_sift(gray: np.ndarray, conf: SiftDetectorConf = SiftDetectorConf(), descriptors: bool = False,
+                mask: np.ndarray | None = None):
     """Detect SIFT keypoints; keep the ``max_keypoints`` largest (by size, largest first, as the original keeps whole
     octaves from the top). Returns a dict of arrays: ``keypoints`` (N,2), ``scales`` (sizes), ``orientations``
     (radians, OpenCV's angle converted), ``angles`` (degrees, OpenCV), ``scores`` (responses), ``octaves``, and
     ``sift`` (N,128) float32 descriptors when ``descriptors`` is set.
 
-    ``upright`` merges the orientation duplicates OpenCV makes for one location and sets all angles to 0.
+    ``upright`` merges the orientation duplicates OpenCV makes for one location and sets all angles to 0. ``mask``:
+    (H, W) uint8 of the image's size, keypoints only where it is non-zero (found before the ``max_keypoints`` cut, so
+    the whole budget goes to the unmasked part).
     """
     sift = cv2.SIFT_create(
         nfeatures=0,
@@ -45,7 +48,7 @@ def detect_sift(gray: np.ndarray, conf: SiftDetectorConf = SiftDetectorConf(), d
         edgeThreshold=conf.edge_threshold,
         sigma=conf.sigma,
     )
-    kpts = sift.detect(gray, None)
+    kpts = sift.detect(gray, mask)
     if conf.upright and kpts:
         # OpenCV emits one keypoint per dominant orientation at the same location: keep one, angle 0
         loc = np.array([(k.pt[0], k.pt[1], k.size) for k in kpts], np.float64)
@@ -73,6 +76,17 @@ def detect_sift(gray: np.ndarray, conf: SiftDetectorConf = SiftDetectorConf(), d
     if descriptors:
         out["sift"] = np.zeros((0, 128), np.float32) if desc is None else desc.astype(np.float32)
     return out
+
+
+def fit_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A feature mask (uint8, non-zero = features allowed) resized (nearest pixel) to an image of ``shape``."""
+    if mask is None:
+        return None
+    h, w = shape[:2]
+    mask = np.asarray(mask, np.uint8)
+    if mask.shape[:2] != (h, w):
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return np.ascontiguousarray(mask)
 
 
 def patch_radius(sizes: np.ndarray) -> np.ndarray:

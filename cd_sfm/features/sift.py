@@ -15,7 +15,7 @@ import numpy as np
 
 from ..geometry import l2_normalize
 from . import register
-from .patches import SiftDetectorConf, detect_sift, to_gray
+from .patches import SiftDetectorConf, detect_sift, fit_mask, to_gray
 
 
 @dataclass
@@ -59,11 +59,11 @@ class SiftBackend:
     def _describe(self, sift: np.ndarray) -> np.ndarray:
         return l2_normalize(sift)
 
-    def extract(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    def extract(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
         gray = to_gray(np.asarray(image))
         if gray.dtype != np.uint8:
             raise ValueError(f"expected a uint8 image, got {gray.dtype}")
-        det = detect_sift(gray, self.conf.detector(), descriptors=True)
+        det = detect_sift(gray, self.conf.detector(), descriptors=True, mask=fit_mask(mask, gray.shape))
         return {
             "keypoints": det["keypoints"],
             "scales": det["scales"],
