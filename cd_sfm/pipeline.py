@@ -567,7 +567,9 @@ def format_summary(s: dict) -> str:
     agree = s.get("mapping_agreement")
     if not agrees(agree) and s.get("num_images_registered", 0) >= 2:
         lines.append(f"Warning: the model agrees with only {agree:.2f} of its verified image pairs (trusted from "
-                     f"{MIN_AGREEMENT:g}; no mapping attempt did better): some cameras are likely placed wrongly")
+                     f"{MIN_AGREEMENT:g}; no mapping attempt did better): some cameras are likely placed wrongly"
+                     + ("" if s.get("masked_images") else "; where parts of the photos do not move with the scene "
+                        "(a turntable, an overlay), mask them (--masks)"))
     sizes = s.get("model_sizes") or []
     if len(sizes) > 1:
         shown = ", ".join(f"sparse/{i} {n} images" for i, (n, _) in enumerate(sizes[1:6], 1))
