@@ -138,7 +138,7 @@ def test_format_summary_is_short_and_readable():
     assert "placed wrongly" in warning and "mask them (--masks)" in warning
     s.update(masked_images=3, masks="/m")  # already masked: no advice to mask, and the masks are named
     text = pipeline.format_summary(s)
-    assert "--masks" not in text and "Masked 3 of 4 images (masks from /m)" in text
+    assert "--masks" not in text and "Masked 3 of 5 images (masks from /m)" in text
     s["mapping_agreement"] = 0.8
     assert not any(x.startswith("Warning") for x in pipeline.format_summary(s).splitlines())
     # cameras the global mapper placed without the points to hold them: counted, and said why
