@@ -328,6 +328,7 @@ def facts(summary: dict) -> list[tuple[str, str]]:
                                                        + " images)" if len(s.get("model_sizes") or []) > 1 else "")),
         ("verified-pair groups", ", ".join(str(g) for g in (s.get("pair_groups") or [])[:8]) or "n/a"),
         ("features", str(s.get("features")) + (f" (model {s['model']})" if s.get("model") else "")),
+        ("masks", f"{s['masked_images']} images masked ({s.get('masks')})" if s.get("masked_images") else "none"),
         ("precision", _fmt(prec, none="-")),
         ("pairs", f"{s.get('pairs')}: {s.get('num_pairs', 0)} pairs, {s.get('num_verified_pairs', 0)} verified"),
         ("mapper", _mapper_fact(s)),

@@ -87,6 +87,8 @@ def test_facts_flag_a_model_that_disagrees_with_its_pairs():
                                 {"mapper": "global", "registered": 9, "weak_removed": 5}], "images_left_out": 5}
     assert mapper(pruned) == ("global (agreement with the two-view geometries 1.00; 5 images left out, observing "
                               "fewer than 30 of its 3D points)")
+    assert dict(facts({}))["masks"] == "none"
+    assert dict(facts({"masked_images": 22, "masks": "/data/masks"}))["masks"] == "22 images masked (/data/masks)"
 
 
 def test_pick_pairs_and_view_frame():
