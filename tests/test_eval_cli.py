@@ -143,6 +143,24 @@ def test_pairs_sfm_report(models, scene, tmp_path, capsys):
     assert "### Relative pose" in text and "### SfM" in text and "| contextdesc | absent" in text
     assert "own pairs @10 deg" in text
 
+    # two mapping seeds on the same matches: the first seed's numbers, every run, and the spread over the seeds
+    s2 = tmp_path / "sfm2.json"
+    assert main(["eval", "sfm", "synth", "--data", data, "--methods", "rootsift", "--max-keypoints", "500",
+                 "--output", str(s2), "--work-dir", str(tmp_path / "work2"), "--seed", "3", "--seeds", "2", "-q"]) == 0
+    r2 = json.loads(s2.read_text())
+    row = r2["scenes"]["synth"]["methods"]["rootsift"]
+    assert [r["seed"] for r in row["runs"]] == [3, 4] and row["seed"] == 3
+    assert yaml.safe_load((tmp_path / "work2" / "synth" / "rootsift" / "config.yaml").read_text())["seed"] == 4
+    second = json.loads((tmp_path / "work2" / "synth" / "rootsift" / "summary.json").read_text())
+    assert second["features_extracted"] == 0 and second["pairs_matched"] == 0  # only the mapping ran again
+    sp = r2["seeds"]["rootsift"]
+    regs = [r["num_images_registered"] for r in row["runs"]]
+    assert sp["seeds"] == 2 and sp["registered"] == {"mean": sum(regs) / 2, "min": min(regs), "max": max(regs)}
+    assert sp["acc10"]["min"] <= sp["acc10"]["mean"] <= sp["acc10"]["max"]
+    assert "ALL, 2 seeds" in capsys.readouterr().out
+    assert main(["eval", "report", str(s2), "--output", str(md)]) == 0
+    assert "Over 2 mapping seeds" in md.read_text()
+
 
 def test_relative_pose_errors_see_a_flipped_camera_and_a_missing_one(scene):
     """A camera turned 180 degrees about its optical axis keeps its centre (the aligned position error cannot see

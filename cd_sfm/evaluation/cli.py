@@ -138,7 +138,7 @@ def cmd_sfm(args) -> int:
     methods = parse_methods(args.methods)
     work = Path(args.work_dir) if args.work_dir else Path(args.output or ".").resolve().parent / "sfm-work"
     conf = sfm.SfmEvalConf(max_keypoints=args.max_keypoints, max_image_size=args.max_size,
-                           overwrite=not args.resume, seed=args.seed, ratio=args.ratio)
+                           overwrite=not args.resume, seed=args.seed, ratio=args.ratio, seeds=args.seeds)
     t = time.perf_counter()
     result = sfm.evaluate_sfm_scenes(scenes, methods, work, args.model, conf, unusable)
     result["meta"] = meta("sfm", args, time.perf_counter() - t)
@@ -224,6 +224,9 @@ def add_parser(subparsers):
     s.add_argument("--resume", action="store_true", help="reuse features / matches already in the work folder")
     s.add_argument("--ratio", type=float, help="ratio test (default: the pipeline's matching)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, default=1,
+                   help="map each scene with this many seeds (seed, seed+1, ...) on the same matches and report the "
+                        "mean and range over them (default 1)")
     s.set_defaults(func=cmd_sfm)
 
     s = sub.add_parser("report", help="Markdown table (for the README) from saved evaluation JSON files")

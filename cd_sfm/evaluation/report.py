@@ -78,6 +78,15 @@ def sfm_md(res: dict) -> str:
                          f"{_num((r.get('mean_pose_accuracy') or {}).get('10'), '.3f')} | "
                          f"{_num((r.get('mean_registered_pose_accuracy') or {}).get('10'), '.3f')} | "
                          f"{r['seconds'].get('wall', 0):.0f} |")
+    if res.get("seeds"):
+        from .sfm import spread_text as rng
+
+        n = next(iter(res["seeds"].values()))["seeds"]
+        lines += ["", f"Over {n} mapping seeds on the same matches (mean, and range):", "",
+                  "| method | registered | 3D points | pose acc. @10 deg | own pairs @10 deg |", "|---|---|---|---|---|"]
+        for m, r in res["seeds"].items():
+            lines.append(f"| {m} | {rng(r['registered'], '.1f')} | {rng(r['points'], '.0f')} | "
+                         f"{rng(r['acc10'], '.3f')} | {rng(r['own10'], '.3f')} |")
     return "\n".join(lines + _absent(res))
 
 

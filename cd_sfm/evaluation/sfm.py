@@ -2,7 +2,8 @@
 once per method into ``work_dir/<scene>/<method>/``.
 
 All methods use the same keypoints (the detector settings of ``SfmEvalConf``: ContextDesc's SIFT settings, the same
-image size) and the pipeline's default pairs, matching, verification and mapper (seed 0), so only the descriptor
+image size) and the pipeline's default pairs, matching, verification and mapper (seed 0; ``seeds`` > 1 maps each
+scene again with the next seeds on the same matches, and :func:`over_seeds` gives the spread), so only the descriptor
 differs. Methods: ``rootsift`` (features preset ``rootsift``), ``local`` (``contextdesc`` with ``augment: false``),
 ``contextdesc`` (augmented; absent when the model has no augmentation weights); the model goes in the config's
 ``model`` key.
@@ -45,12 +46,14 @@ class SfmEvalConf:
     overwrite: bool = True  # recompute features and matches (times are then comparable)
     seed: int = 0
     ratio: float | None = None  # ratio test of the matching; None: the pipeline's default
+    seeds: int = 1  # mapping runs per scene and method, seeds seed .. seed + seeds - 1 (features and matches reused)
 
 
-def method_config(method: str, model: str, conf: SfmEvalConf) -> dict | None:
-    """Pipeline config of a method; None when the model cannot provide it (contextdesc without augment weights)."""
+def method_config(method: str, model: str, conf: SfmEvalConf, seed: int | None = None) -> dict | None:
+    """Pipeline config of a method (mapping ``seed``, default ``conf.seed``); None when the model cannot provide it
+    (contextdesc without augment weights)."""
     det = {"max_keypoints": conf.max_keypoints, "contrast_threshold": conf.contrast_threshold}
-    base = {"max_image_size": conf.max_image_size, "seed": conf.seed}
+    base = {"max_image_size": conf.max_image_size, "seed": conf.seed if seed is None else int(seed)}
     if conf.ratio is not None:
         from ..config import DEFAULTS
 
@@ -174,7 +177,10 @@ def scene_gt(scene: Path, unusable: dict[Path, str] | None = None) -> dict | Non
 def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, model: str = DEFAULT_MODEL,
                  conf: SfmEvalConf = SfmEvalConf(), unusable: dict[Path, str] | None = None) -> dict:
     """Run the pipeline per method on ``scene``; returns {"conf", "scene", "methods": {m: stats}, "absent"}.
-    ``unusable``: {scene folder: reason} whose ground truth is not used (the split's ``gt_unusable``)."""
+    ``unusable``: {scene folder: reason} whose ground truth is not used (the split's ``gt_unusable``). With
+    ``conf.seeds`` > 1 the mapping runs once per seed on the same features and matches; a method's stats are those of
+    the first seed, with ``runs``: the stats of every seed (the mapper's seed moves registrations by several images on
+    hard scenes, so compare methods over several)."""
     from ..pipeline import reconstruct
 
     scene = Path(scene)
@@ -190,16 +196,23 @@ def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, mo
             absent[m] = f"model {model!r} has no augmentation weights (augment.npz)"
             logger.warning("contextdesc: %s: reported as absent", absent[m])
             continue
-        logger.info("sfm %s: %s", scene.name, m)
-        t = time.perf_counter()
-        s = reconstruct(images, work_dir / m, mc, overwrite=conf.overwrite, progress=True)
-        wall = time.perf_counter() - t
-        row = {k: s.get(k) for k in ("num_images_used", "num_images_registered", "num_points3D", "mean_track_length",
-                                     "mean_reprojection_error", "num_pairs", "num_verified_pairs", "num_models")}
-        row["seconds"] = {**s.get("seconds", {}), "wall": round(wall, 2)}
-        row["output_dir"] = str(work_dir / m)
-        row["gt"] = gt_errors(work_dir / m / "sparse" / "0", views)
-        out[m] = row
+        runs = []
+        for i in range(max(1, int(conf.seeds))):
+            seed = conf.seed + i
+            logger.info("sfm %s: %s%s", scene.name, m, f" (seed {seed})" if conf.seeds > 1 else "")
+            t = time.perf_counter()
+            s = reconstruct(images, work_dir / m, method_config(m, model, conf, seed),
+                            overwrite=conf.overwrite and i == 0, progress=True)
+            wall = time.perf_counter() - t
+            row = {key: s.get(key) for key in ("num_images_used", "num_images_registered", "num_points3D",
+                                         "mean_track_length", "mean_reprojection_error", "num_pairs",
+                                         "num_verified_pairs", "num_models")}
+            row["seconds"] = {**s.get("seconds", {}), "wall": round(wall, 2)}
+            row["output_dir"] = str(work_dir / m)
+            row["seed"] = seed
+            row["gt"] = gt_errors(work_dir / m / "sparse" / "0", views)
+            runs.append(row)
+        out[m] = {**runs[0], "runs": runs} if len(runs) > 1 else runs[0]
     return {"conf": asdict(conf), "scene": scene.name, "model": model, "methods": out, "absent": absent}
 
 
@@ -254,8 +267,38 @@ def evaluate_sfm_scenes(scenes: list[str | Path], methods: list[str], work_dir: 
         res = evaluate_sfm(scene, methods, work_dir, model, conf, unusable)
         per_scene[res["scene"]] = res
     absent = {m: why for r in per_scene.values() for m, why in r["absent"].items()}
-    return {"conf": asdict(conf), "model": model, "scenes": per_scene, "methods": overall(per_scene),
-            "absent": absent}
+    out = {"conf": asdict(conf), "model": model, "scenes": per_scene, "methods": overall(per_scene),
+           "absent": absent}
+    if conf.seeds > 1:
+        out["seeds"] = over_seeds(per_scene)
+    return out
+
+
+def over_seeds(per_scene: dict[str, dict]) -> dict:
+    """Per method: :func:`overall` of each seed's runs (``per_seed``), and the mean, smallest and largest over the
+    seeds of registered images, 3D points and the two pose accuracies @10 (``registered``, ``points``, ``acc10``,
+    ``own10``: {"mean", "min", "max"})."""
+    n = min(len(m.get("runs") or [m]) for r in per_scene.values() for m in r["methods"].values())
+    per_seed = []
+    for k in range(n):
+        view = {s: {**r, "methods": {m: (row.get("runs") or [row])[k] for m, row in r["methods"].items()}}
+                for s, r in per_scene.items()}
+        per_seed.append(overall(view))
+    out = {}
+    for m in per_seed[0]:
+        vals = {"registered": [o[m]["num_images_registered"] for o in per_seed],
+                "points": [o[m]["num_points3D"] for o in per_seed],
+                "acc10": [o[m]["mean_pose_accuracy"]["10"] for o in per_seed],
+                "own10": [o[m]["mean_registered_pose_accuracy"]["10"] for o in per_seed]}
+        out[m] = {"seeds": n, "per_seed": [o[m] for o in per_seed],
+                  **{k: ({"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+                         if all(x is not None for x in v) else None) for k, v in vals.items()}}
+    return out
+
+
+def spread_text(v: dict | None, spec: str) -> str:
+    """``mean (min-max)`` of one of :func:`over_seeds`' values."""
+    return "n/a" if v is None else f"{format(v['mean'], spec)} ({format(v['min'], spec)}-{format(v['max'], spec)})"
 
 
 def _fmt(v, spec, width):
@@ -291,6 +334,11 @@ def format_table(result: dict) -> str:
                          + _fmt((r.get("mean_pose_accuracy") or {}).get("10"), ".3f", 8)
                          + _fmt((r.get("mean_registered_pose_accuracy") or {}).get("10"), ".3f", 8)
                          + f"{r['seconds']['wall']:8.1f}")
+    for m, r in (result.get("seeds") or {}).items():
+        lines.append(f"{'ALL, ' + str(r['seeds']) + ' seeds':<30}{m:<13}registered "
+                     f"{spread_text(r['registered'], '.1f')}, points {spread_text(r['points'], '.0f')}, acc@10 "
+                     f"{spread_text(r['acc10'], '.3f')}, own@10 {spread_text(r['own10'], '.3f')} (mean (min-max) over "
+                     "the mapping seeds)")
     for m, why in (result.get("absent") or {}).items():
         lines.append(f"{'':<30}{m:<13}absent: {why}")
     lines.append("pos.err: median camera position error after similarity alignment (GT units); rel.pos: the same / "
