@@ -354,7 +354,8 @@ def main(
     masks = find_masks(mask_dir, names)
     changed = _changed_sources(image_dir, feature_path, [n for n in names if n in done], masks)
     if changed:
-        logger.info("%d image(s) changed since their features were extracted (e.g. %s): extracting them again",
+        logger.info("%d image(s) or their masks changed since their features were extracted (e.g. %s): extracting "
+                    "them again",
                     len(changed), changed[0])
         done -= set(changed)
     todo = [n for n in names if n not in done]
