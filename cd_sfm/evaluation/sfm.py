@@ -46,7 +46,7 @@ class SfmEvalConf:
     overwrite: bool = True  # recompute features and matches (times are then comparable)
     seed: int = 0
     ratio: float | None = None  # ratio test of the matching; None: the pipeline's default
-    seeds: int = 1  # mapping runs per scene and method, seeds seed .. seed + seeds - 1 (features and matches reused)
+    seeds: int = 3  # mapping runs per scene and method, seeds seed .. seed + seeds - 1 (features and matches reused)
 
 
 def method_config(method: str, model: str, conf: SfmEvalConf, seed: int | None = None) -> dict | None:
