@@ -294,3 +294,61 @@ def test_export_cli(sift_run, tmp_path, capsys):
     assert cli.main(["export", str(empty), "--to", "openmvs"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "summary.json: not found" in err
+
+
+def test_masks_follow_the_undistorted_images(sift_run, tmp_path, capsys):
+    """A run's feature masks go into the undistorted and nerfstudio exports resampled into the undistorted cameras:
+    each model point has the same mask value at its keypoint in the original image and at its moved 2D point in the
+    undistorted one; nerfstudio frames name their masks (frames without a mask name none)."""
+    scene, out, _ = sift_run
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m = np.zeros((480, 640), np.uint8)
+    cv2.circle(m, (250, 200), 150, 255, -1)  # a disc off the centre: distortion moves its rim
+    for name in scene.names[:-1]:  # the last image has no mask
+        cv2.imwrite(str(masks / f"{name}.png"), m)
+    und = tmp_path / "und"
+    st = export("undistorted", out, output=und, mask_dir=masks)
+    assert st["num_masks"] == len(scene.names) - 1
+    orig = pycolmap.Reconstruction(str(out / "sparse" / "0"))
+    rec = pycolmap.Reconstruction(str(und / "sparse"))
+    by_name = {orig.images[i].name: orig.images[i] for i in orig.reg_image_ids()}
+    same, total = 0, 0
+    for i in rec.reg_image_ids():
+        im = rec.images[i]
+        path = und / "masks" / f"{im.name}.png"
+        if im.name == scene.names[-1]:
+            assert not path.exists()
+            continue
+        mu = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cam = rec.cameras[im.camera_id]
+        assert mu.shape == (cam.height, cam.width)
+        a = np.array([p.xy for p in by_name[im.name].points2D])  # the same keypoints, in order
+        b = np.array([p.xy for p in im.points2D])
+        far = np.abs(np.linalg.norm(a - 0.5 - [250, 200], axis=1) - 150) > 1.5  # not on the rim
+        inside = (b[:, 0] >= 1) & (b[:, 1] >= 1) & (b[:, 0] < cam.width - 1) & (b[:, 1] < cam.height - 1)
+        keep = far & inside
+        va = m[(a[keep, 1]).astype(int), (a[keep, 0]).astype(int)]
+        vb = mu[(b[keep, 1]).astype(int), (b[keep, 0]).astype(int)]
+        same += int((va == vb).sum())
+        total += int(keep.sum())
+    assert total > 500 and same == total
+    # nerfstudio: the masks beside the images, named in their frames
+    ns = export("nerfstudio", out, output=tmp_path / "ns", mask_dir=masks)
+    assert ns["num_masks"] == len(scene.names) - 1
+    frames = json.loads((tmp_path / "ns" / "transforms.json").read_text())["frames"]
+    named = {f["file_path"][len("images/"):]: f.get("mask_path") for f in frames}
+    assert named[scene.names[-1]] is None
+    for name in scene.names[:-1]:
+        assert named[name] == f"masks/{name}.png"
+        mask = cv2.imread(str(tmp_path / "ns" / named[name]), cv2.IMREAD_GRAYSCALE)
+        img = cv2.imread(str(tmp_path / "ns" / "images" / name))
+        assert mask.shape == img.shape[:2] and set(np.unique(mask)) == {0, 255}
+    # the CLI: the run's own masks by default (config.yaml), a missing folder is a one-line error
+    assert cli.main(["export", str(out), "--to", "dense", "--output", str(tmp_path / "d2"), "--masks",
+                     str(masks)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(scene.names) - 1} masks" in printed and f"--StereoFusion.mask_path {tmp_path / 'd2'}/masks" in printed
+    assert cli.main(["export", str(out), "--to", "dense", "--output", str(tmp_path / "d3"), "--masks",
+                     str(tmp_path / "nope")]) == 2
+    assert "mask folder not found" in capsys.readouterr().err

@@ -90,10 +90,12 @@ def commit(tmp: Path, output: Path) -> Path:
 
 
 def export(kind: str, out_dir: str | Path, output: str | Path | None = None, image_dir: str | Path | None = None,
-           max_image_size: int | None = None) -> dict:
+           max_image_size: int | None = None, mask_dir: str | Path | None = None) -> dict:
     """Export the reconstruction of ``out_dir`` as ``kind`` (see the module docstring) into ``output`` (default
     ``OUT/export/<kind>``). ``max_image_size``: the longest side of undistorted images (None: full size).
-    Returns ``{"kind", "output", ...}`` with counts of what was written."""
+    ``mask_dir``: feature masks to resample for the ``undistorted`` and ``nerfstudio`` kinds (default: the run's
+    ``masks`` in ``OUT/config.yaml``, when it still exists). Returns ``{"kind", "output", ...}`` with counts of what
+    was written."""
     kind = resolve_kind(kind)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -101,13 +103,32 @@ def export(kind: str, out_dir: str | Path, output: str | Path | None = None, ima
     output = Path(output) if output is not None else default_output(out_dir, kind)
     inside = output.resolve().is_relative_to(out_dir.resolve())
     with output_lock(out_dir) if inside else contextlib.nullcontext():  # not while a run rewrites the folder
-        stats = _export(kind, out_dir, output, image_dir, max_image_size)
+        stats = _export(kind, out_dir, output, image_dir, max_image_size, masks_of(out_dir, mask_dir))
     stats.update(kind=kind, output=str(output))
     logger.info("Exported %s into %s", kind, output)
     return stats
 
 
-def _export(kind: str, out_dir: Path, output: Path, image_dir, max_image_size) -> dict:
+def masks_of(out_dir: Path, mask_dir: str | Path | None = None) -> Path | None:
+    """The mask folder of an export: ``mask_dir`` when given (it must exist), else the ``masks`` that
+    ``OUT/config.yaml`` records when that folder still exists (None otherwise)."""
+    if mask_dir is not None:
+        if not Path(mask_dir).is_dir():
+            raise CdSfmError(f"{mask_dir}: mask folder not found")
+        return Path(mask_dir)
+    try:
+        import yaml
+
+        recorded = (yaml.safe_load((out_dir / "config.yaml").read_text()) or {}).get("masks")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if recorded and not Path(recorded).is_dir():
+        logger.warning("%s: the run's mask folder is gone; exporting without masks", recorded)
+        return None
+    return Path(recorded) if recorded else None
+
+
+def _export(kind: str, out_dir: Path, output: Path, image_dir, max_image_size, mask_dir: Path | None) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     if kind == "colmap3":
         from . import colmap3
@@ -120,7 +141,9 @@ def _export(kind: str, out_dir: Path, output: Path, image_dir, max_image_size) -
         if kind == "nerfstudio":
             from . import nerfstudio
 
-            stats = nerfstudio.export(model_dir(out_dir), images, output, max_image_size=max_image_size)
+            stats = nerfstudio.export(model_dir(out_dir), images, output, max_image_size=max_image_size,
+                                      mask_dir=mask_dir)
         else:
-            stats = undistort.export(kind, model_dir(out_dir), images, output, max_image_size=max_image_size)
+            stats = undistort.export(kind, model_dir(out_dir), images, output, max_image_size=max_image_size,
+                                     mask_dir=mask_dir)
     return stats

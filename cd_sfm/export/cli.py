@@ -34,15 +34,18 @@ def cmd_export(args) -> int:
 
         raise CdSfmError("--output: give one kind with --to (several kinds go to OUT/export/<kind>)")
     for kind in kinds:
-        st = export(kind, args.out, output=args.output, image_dir=args.images, max_image_size=args.max_image_size)
+        st = export(kind, args.out, output=args.output, image_dir=args.images, max_image_size=args.max_image_size,
+                    mask_dir=args.masks)
         what = (f"{st['num_images']} images, {st['num_points3D']} points, {'/'.join(st['camera_models'])} cameras"
                 if "num_points3D" in st else
                 f"{st['num_images']} images, {st['num_matched_pairs']} matched pairs, "
                 f"{st['num_two_view_geometries']} two-view geometries")
-        print(f"{kind}: {st['output']} ({what})")
+        print(f"{kind}: {st['output']} ({what}" + (f", {st['num_masks']} masks" if st.get("num_masks") else "") + ")")
         images = args.images or _recorded_images(args.out)
         print("  next: " + NEXT_STEPS[kind].format(out=st["output"], images=images,
-                                                   model=Path(args.out) / "sparse" / "0"))
+                                                   model=Path(args.out) / "sparse" / "0")
+              + (f" --StereoFusion.mask_path {st['output']}/masks" if kind == "undistorted" and st.get("num_masks")
+                 else ""))
     return 0
 
 
@@ -57,6 +60,8 @@ def add_parser(subparsers):
     p.add_argument("--output", help="folder to write (default OUT/export/KIND)")
     p.add_argument("--images", help="image folder (default: the one in OUT/summary.json)")
     p.add_argument("--max-image-size", type=int, help="undistorted images: longest side at most this (default: full)")
+    p.add_argument("--masks", help="feature masks to undistort for the undistorted and nerfstudio kinds (default: the "
+                                   "run's masks, from OUT/config.yaml)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="debug output")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less output")
     p.set_defaults(func=cmd_export)

@@ -11,7 +11,9 @@
   right, y up, z backwards, i.e. COLMAP's camera-to-world with its y and z columns negated), ``colmap_im_id``;
 * the world as nerfstudio re-orients it (``applied_transform``, the 3x4 matrix taking COLMAP world coordinates to
   the exported ones: rows (x, z, -y), so that z is up where COLMAP's first camera had y down), also applied to the
-  points of ``sparse_pc.ply``.
+  points of ``sparse_pc.ply``;
+* where the run used feature masks, ``masks/<name>.png`` resampled into the undistorted cameras and ``mask_path`` in
+  their frames (nerfstudio ignores the black pixels when training).
 
 A point X of the model then projects in frame i at ``(fl_x * x / -z + cx, -fl_y * y / -z + cy)`` with
 ``(x, y, z) = inverse(transform_matrix) @ (applied_transform @ X)``: the test of this module checks that against
@@ -62,8 +64,9 @@ def camera_to_world_opengl(image) -> np.ndarray:
     return A @ c2w
 
 
-def transforms(rec) -> dict:
-    """The ``transforms.json`` content of an undistorted ``pycolmap.Reconstruction``."""
+def transforms(rec, masked: set[str] | None = None) -> dict:
+    """The ``transforms.json`` content of an undistorted ``pycolmap.Reconstruction``; frames whose image name is in
+    ``masked`` get ``mask_path: masks/<name>.png``."""
     single = len(rec.cameras) == 1
     out: dict = dict(camera_intrinsics(next(iter(rec.cameras.values())))) if single else {}
     frames = []
@@ -73,6 +76,8 @@ def transforms(rec) -> dict:
                  "colmap_im_id": int(image_id)}
         if not single:
             frame.update(camera_intrinsics(rec.cameras[im.camera_id]))
+        if masked and im.name in masked:
+            frame["mask_path"] = f"masks/{im.name}.png"
         frames.append(frame)
     out["frames"] = frames
     out["applied_transform"] = APPLIED_TRANSFORM.tolist()
@@ -92,23 +97,28 @@ def write_points(rec, path: Path) -> None:
     tmp.replace(path)
 
 
-def export(model: Path, image_dir: Path, output: Path, max_image_size: int | None = None) -> dict:
+def export(model: Path, image_dir: Path, output: Path, max_image_size: int | None = None,
+           mask_dir: Path | None = None) -> dict:
     import pycolmap
 
-    from .undistort import undistort
+    from .undistort import undistort, undistort_masks
 
     tmp = staging(output)
     try:
         work = tmp / ".undistorted"
         undistort(model, image_dir, work, max_image_size)
         (work / "images").rename(tmp / "images")
+        masks = undistort_masks(model, work / "sparse", mask_dir, tmp / "masks") if mask_dir else 0
         rec = pycolmap.Reconstruction(str(work / "sparse"))
         shutil.rmtree(work)
-        data = transforms(rec)
+        masked = {p.relative_to(tmp / "masks").as_posix()[:-4] for p in (tmp / "masks").rglob("*.png")} \
+            if masks else set()
+        data = transforms(rec, masked)
         atomic_write_text(tmp / "transforms.json", json.dumps(data, indent=2) + "\n")
         write_points(rec, tmp / "sparse_pc.ply")
         commit(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"num_images": len(data["frames"]), "num_points3D": rec.num_points3D(), "camera_models": ["PINHOLE"]}
+    return {"num_images": len(data["frames"]), "num_points3D": rec.num_points3D(), "camera_models": ["PINHOLE"],
+            "num_masks": masks}

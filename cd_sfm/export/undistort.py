@@ -15,6 +15,8 @@ of ``colmap image_undistorter``: every camera becomes PINHOLE, images are resamp
   OpenMVS's own ``.mvs`` archive, so that step is OpenMVS's.
 
 ``max_image_size`` limits the longest side of the undistorted images (``UndistortCameraOptions.max_image_size``).
+Where the run used feature masks (``masks``), ``undistorted`` also gets them resampled into the undistorted cameras,
+``masks/<image name>.png`` (:func:`undistort_masks`): ``colmap stereo_fusion --StereoFusion.mask_path DIR/masks``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,46 @@ def undistort(model: Path, image_dir: Path, output: Path, max_image_size: int | 
         raise CdSfmError(f"{output}: the undistorter wrote no model")
 
 
-def export(kind: str, model: Path, image_dir: Path, output: Path, max_image_size: int | None = None) -> dict:
+def undistort_masks(model: Path, undistorted: Path, mask_dir: Path, output: Path) -> int:
+    """The feature masks of the run (COLMAP's ``mask_path`` names, drawn on the stored pixels: see
+    :func:`cd_sfm.images.read_mask`) resampled into the undistorted cameras of ``undistorted`` (nearest pixel, black
+    outside the original image), as ``output/<image name>.png``: COLMAP's ``--StereoFusion.mask_path`` names, and
+    nerfstudio's ``mask_path`` format (0 = ignore). Images without a mask get none. Returns the number written."""
+    import cv2
+    import numpy as np
+    import pycolmap
+
+    from ..images import find_mask, read_mask
+
+    src = pycolmap.Reconstruction(str(model))
+    dst = pycolmap.Reconstruction(str(undistorted))
+    by_name = {src.images[i].name: src.images[i] for i in src.reg_image_ids()}
+    written = 0
+    for i in dst.reg_image_ids():
+        im = dst.images[i]
+        path = find_mask(mask_dir, im.name)
+        if path is None or im.name not in by_name:
+            continue
+        cam0, cam1 = src.cameras[by_name[im.name].camera_id], dst.cameras[im.camera_id]
+        mask = read_mask(path, (cam0.width, cam0.height), 1, im.name)
+        # every undistorted pixel centre (COLMAP: (0.5, 0.5) is the first) -> its ray -> the distorted pixel
+        u, v = np.meshgrid(np.arange(cam1.width) + 0.5, np.arange(cam1.height) + 0.5)
+        rays = np.asarray(cam1.cam_from_img(np.column_stack([u.ravel(), v.ravel()])), np.float64)
+        xy = np.asarray(cam0.img_from_cam(np.column_stack([rays, np.ones(len(rays))])), np.float64) - 0.5
+        maps = xy.reshape(cam1.height, cam1.width, 2).astype(np.float32)
+        out = cv2.remap(mask, maps[..., 0], maps[..., 1], cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                        borderValue=0)
+        target = output / f"{im.name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(target), out):
+            raise CdSfmError(f"{target}: cannot write the mask")
+        written += 1
+    logger.info("Undistorted %d masks into %s", written, output)
+    return written
+
+
+def export(kind: str, model: Path, image_dir: Path, output: Path, max_image_size: int | None = None,
+           mask_dir: Path | None = None) -> dict:
     """Write the ``kind`` layout (see the module docstring) into ``output``; returns counts."""
     import pycolmap
 
@@ -64,6 +105,7 @@ def export(kind: str, model: Path, image_dir: Path, output: Path, max_image_size
         undistort(model, image_dir, tmp, max_image_size)
         sparse = tmp / "sparse"
         rec = pycolmap.Reconstruction(str(sparse))
+        masks = undistort_masks(model, sparse, mask_dir, tmp / "masks") if mask_dir and kind == "undistorted" else 0
         if kind == "gaussian-splatting":
             # as gaussian-splatting's convert.py: the model moves into sparse/0, the MVS extras go
             (sparse / "0").mkdir()
@@ -82,4 +124,5 @@ def export(kind: str, model: Path, image_dir: Path, output: Path, max_image_size
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     cams = {c.model.name for c in rec.cameras.values()}
-    return {"num_images": rec.num_reg_images(), "num_points3D": rec.num_points3D(), "camera_models": sorted(cams)}
+    return {"num_images": rec.num_reg_images(), "num_points3D": rec.num_points3D(), "camera_models": sorted(cams),
+            "num_masks": masks}
