@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from .geometry import l2_normalize
-from .io import CdSfmError, H5Appender, completed_names, read_npz
+from .io import ATTRS_KEY, CdSfmError, H5Appender, completed_names, entry_attrs, feature_version, read_npz
 from .progress import tqdm
 
 logger = logging.getLogger(__name__)
@@ -447,7 +447,8 @@ def main(conf: GlobalConf | dict | str | None, export_path: str | Path, features
     read ``features_path``; regional methods use ``global_descriptor`` entries stored in ``features_path`` when all
     images have one, otherwise run the regional network on the images in ``image_dir`` (``regional_fn(name) ->
     (h, w, C) map`` overrides the network, e.g. for tests). Resumable: images already in the file are skipped as long
-    as the stored model (``<export_path>.model.npz``) matches the options.
+    as the stored model (``<export_path>.model.npz``) matches the options and their features are the version the
+    descriptor was made from (:func:`cd_sfm.io.feature_version`; an image re-extracted is described again).
     """
     conf = GlobalConf.from_any(conf)
     export_path = Path(export_path)
@@ -478,6 +479,16 @@ def main(conf: GlobalConf | dict | str | None, export_path: str | Path, features
     if redo or overwrite:
         _drop_outputs(export_path)
     done = completed_names(export_path)
+    # each image's feature version: an image extracted again since (replaced, or its mask changed) is described again
+    versions = ({n: feature_version(a) for n, a in entry_attrs(features_path, names).items()}
+                if features_path is not None and features_path.exists() else {})
+    if done and versions:
+        stale = {n for n, a in entry_attrs(export_path, sorted(done & set(names))).items()
+                 if "features" in a and str(a["features"]) != versions.get(n, "")}
+        if stale:
+            logger.info("%d image(s) extracted again since their global descriptors were made: describing them again",
+                        len(stale))
+        done -= stale
     todo = [n for n in names if n not in done]
     logger.info("Global descriptors (%s): %d images to do, %d already done", conf.method, len(todo), len(done))
     if not todo:
@@ -486,10 +497,11 @@ def main(conf: GlobalConf | dict | str | None, export_path: str | Path, features
         if conf.method in LOCAL_METHODS:
             for name, d in iter_local_descriptors(features_path, todo, f"global ({conf.method})"):
                 v = local_global_descriptor(d, arrays, conf)
-                out.add(name, {GLOBAL_KEY: v.astype(conf.dtype)})
+                out.add(name, {GLOBAL_KEY: v.astype(conf.dtype), ATTRS_KEY: {"features": versions.get(name, "")}})
         else:
             for name in tqdm(todo, desc=f"global ({conf.method})", unit="img", disable=len(todo) < 10):
-                out.add(name, {GLOBAL_KEY: compute(name).astype(conf.dtype)})
+                out.add(name, {GLOBAL_KEY: compute(name).astype(conf.dtype),
+                               ATTRS_KEY: {"features": versions.get(name, "")}})
     return export_path
 
 

@@ -463,6 +463,14 @@ def check_file_settings(path: str | Path, settings: dict, what: str) -> None:
                          f"folder or --overwrite")
 
 
+def feature_version(attrs: dict) -> str:
+    """Which version of an image (and of its feature mask) a feature entry was made from, from its attributes (the
+    file's size and modification time, and its mask's; "" for entries written before these were recorded). What is
+    computed from features (matches, global descriptors) records it, and is made again when it changes."""
+    v = f"{attrs['source_size']}:{attrs['source_mtime_ns']}" if "source_size" in attrs else ""
+    return v + (f":mask{attrs['mask_size']}:{attrs['mask_mtime_ns']}" if "mask_size" in attrs else "")
+
+
 def entry_attrs(path: str | Path, names: Iterable[str]) -> dict[str, dict]:
     """Group attributes of the given entries of an h5 file and of its part files (later parts win)."""
     path = Path(path)

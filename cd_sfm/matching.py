@@ -30,7 +30,8 @@ import numpy as np
 
 from .blas import one_blas_thread
 from .io import ATTRS_KEY, CdSfmError, H5Appender, check_feature_entry, check_file_settings, completed_names, \
-    entry_attrs, file_settings, list_h5_names, merge_parts, names_to_pair, names_to_pair_old, parse_pairs
+    entry_attrs, feature_version, file_settings, list_h5_names, merge_parts, names_to_pair, names_to_pair_old, \
+    parse_pairs
 from .progress import tqdm
 
 logger = logging.getLogger(__name__)
@@ -482,12 +483,6 @@ def matching_settings(conf: dict, features_path: Path) -> dict:
     return {"matching": {k: conf.get(k) for k in MATCH_RESULT_KEYS}, "features": file_settings(features_path)}
 
 
-def _version(attrs: dict) -> str:
-    """Which version of an image (and of its mask) a feature entry was made from."""
-    v = f"{attrs['source_size']}:{attrs['source_mtime_ns']}" if "source_size" in attrs else ""
-    return v + (f":mask{attrs['mask_size']}:{attrs['mask_mtime_ns']}" if "mask_size" in attrs else "")
-
-
 def _stale_pairs(matches_path: Path, done: set[str], versions: dict[str, str]) -> set[str]:
     """Pair keys in the match file made from other versions of their images than those now in the feature file
     (an image replaced in place and extracted again). Entries without a record count as current."""
@@ -594,7 +589,7 @@ def main(
     done = set() if overwrite else completed_names(matches_path)
     # each image's version (its file's size and time when its features were extracted): a pair is reused only if
     # both of its images are still the ones it was matched with
-    versions = {n: _version(a) for n, a in entry_attrs(features_path, sorted({n for p in unique for n in p}
+    versions = {n: feature_version(a) for n, a in entry_attrs(features_path, sorted({n for p in unique for n in p}
                                                                               if have else [])).items()}
     stale = _stale_pairs(matches_path, done, versions) if done else set()
     skipped: dict[str, str] = {}

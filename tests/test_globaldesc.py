@@ -153,6 +153,38 @@ def test_local_stage_resumes_and_relearns_on_new_options(tmp_path, monkeypatch):
     assert gd.load_model(out)[1]["centers"].shape == (4, 64)
 
 
+def test_local_stage_describes_re_extracted_images_again(tmp_path, monkeypatch):
+    """An image extracted again (replaced in place, or its feature mask changed: a new version in its feature
+    entry's attributes) gets a new global descriptor on the next run; the others are reused."""
+    from cd_sfm.io import ATTRS_KEY
+
+    feats = tmp_path / "features.h5"
+    names = sorted(make_scene_features(feats, n_scenes=2, per_scene=3))
+    out = tmp_path / "global-feats.h5"
+    conf = {"method": "vlad", "num_clusters": 8}
+    gd.main(conf, out, features_path=feats, names=names)
+    _, first = gd.read_global(out, names)
+    rng = np.random.default_rng(5)
+    d = rng.normal(size=(200, 64)).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    entry = features_to_h5({"keypoints": rng.uniform(0, 500, (200, 2)), "descriptors": d, "scores": np.ones(200),
+                            "image_size": np.array([640, 480])})
+    entry[ATTRS_KEY] = {"source_size": 10, "source_mtime_ns": 20, "mask_size": 3, "mask_mtime_ns": 4}
+    with H5Appender(feats) as f:
+        f.add(names[1], entry)
+    calls = []
+    real = gd.local_global_descriptor
+    monkeypatch.setattr(gd, "local_global_descriptor", lambda *a: calls.append(1) or real(*a))
+    gd.main(conf, out, features_path=feats, names=names)
+    assert len(calls) == 1
+    _, again = gd.read_global(out, names)
+    assert not np.allclose(first[1], again[1])
+    np.testing.assert_array_equal(np.delete(first, 1, 0), np.delete(again, 1, 0))
+    calls.clear()
+    gd.main(conf, out, features_path=feats, names=names)  # now current: nothing again
+    assert calls == []
+
+
 def test_regional_stage_with_injected_maps(tmp_path):
     rng = np.random.default_rng(0)
     maps = {f"im{i}.jpg": rng.normal(size=(6, 8, 32)).astype(np.float32) for i in range(4)}
