@@ -18,9 +18,10 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -123,6 +124,28 @@ def _check_duplicates(root: Path, names: list[str], on_duplicate: str, skipped: 
         first[key] = name
         kept.append(name)
     return kept
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
+
+
+def numbered_sequence(names: Sequence[str]) -> bool:
+    """Whether the names read as frames of one capture: at least 80 % of them are ``<prefix><number><suffix>`` with
+    the most common (folder, prefix, suffix), and those numbers, sorted, rise in steps no larger than 10 x their
+    median step (no large jumps: one camera's counter, a video's frame index, not unrelated photos' ids). Used for
+    the pairs (``pairs: auto``) and the cameras (``camera_mode: auto``)."""
+    stems = [Path(n).with_suffix("").as_posix() for n in names]
+    parsed = [m.groups() for m in map(_NUMBERED.match, stems) if m]
+    if len(parsed) < max(3, 0.8 * len(names)):
+        return False
+    key, count = Counter((p, s) for p, _, s in parsed).most_common(1)[0]
+    if count < 0.8 * len(names):
+        return False
+    nums = np.sort(np.array([int(d) for p, d, s in parsed if (p, s) == key], np.int64))
+    steps = np.diff(nums)
+    if len(steps) == 0 or (steps <= 0).any():
+        return False
+    return bool(steps.max() <= 10 * max(np.median(steps), 1))
 
 
 def natural_key(name: str) -> list:

@@ -98,6 +98,27 @@ def test_group_cameras_modes():
         group_cameras(names, sizes, metas, {**conf, "camera_mode": "every"})
 
 
+def test_group_cameras_auto_shares_a_camera_for_numbered_frames_without_exif():
+    """Video frames or an EXIF-stripped photo series (numbered names, no EXIF focal) share one camera per folder and
+    size under ``auto``; unrelated photos without EXIF (Internet ids) keep one each; EXIF groups are unchanged."""
+    conf = {**database.default_conf, "camera_mode": "auto"}
+    frames = [f"frame_{i:05d}.jpg" for i in range(1, 40, 3)] + ["other/frame_00100.jpg"]
+    sizes = {n: (960, 540) for n in frames}
+    sizes[frames[0]] = (540, 960)  # one frame turned: its own size, its own camera
+    specs, assign = group_cameras(frames, sizes, {}, conf)
+    assert len(specs) == 3 and len({assign[n] for n in frames[1:-1]}) == 1
+    assert specs[assign[frames[1]]] == CameraSpec(960, 540, 1.2 * 960, False)
+    assert assign["other/frame_00100.jpg"] not in {assign[frames[1]], assign[frames[0]]}  # another folder
+    ids = ["1359873828_f015f87b16_o.jpg", "14967600758_a875d02093_o.jpg", "19247690031_72ca044a91_o.jpg"]
+    specs, assign = group_cameras(ids, {n: (1024, 768) for n in ids}, {}, conf)
+    assert len(specs) == 3
+    exif = {"make": "X", "model": "Y", "focal_px": 700.0}
+    specs, assign = group_cameras(frames[1:4], {n: (960, 540) for n in frames}, {n: exif for n in frames[1:4]}, conf)
+    assert specs == [CameraSpec(960, 540, 700.0, True)]
+    specs, _ = group_cameras(frames[1:], sizes, {}, {**conf, "camera_mode": "per-image"})
+    assert len(specs) == len(frames) - 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # database files
 

@@ -3,8 +3,9 @@
 What goes in (all through ``pycolmap.Database``, so the schema is whatever the installed COLMAP expects):
 
 * cameras, grouped by ``camera_mode``:
-  ``auto``: images share a camera when they have the same size and the same EXIF make, model and focal length; an
-  image without an EXIF focal length gets its own camera (as COLMAP's ``--ImageReader.camera_mode AUTO``);
+  ``auto``: images share a camera when they have the same size and the same EXIF make, model and focal length; images
+  without an EXIF focal length share one camera per folder and size when their names read as frames of one capture
+  (numbered: video frames, an EXIF-stripped photo series), else each gets its own (as COLMAP's default);
   ``single``: one camera for all (one per image size if sizes differ, with a warning);
   ``per-folder``: one camera per sub-folder (and size); ``per-image``: one camera per image.
   Model from ``camera_model`` (default ``SIMPLE_RADIAL``). Focal length: from EXIF when present (marked as a prior,
@@ -134,6 +135,22 @@ def _image_meta(image_dir: Path | None, name: str, size: tuple[int, int]) -> dic
     return meta
 
 
+def _one_capture(names: Sequence[str], metas: dict[str, dict]) -> bool:
+    """``camera_mode: auto``: whether the images without an EXIF focal length read as frames of one capture (at least
+    3, numbered names: :func:`cd_sfm.images.numbered_sequence`), so that they share a camera per folder and size.
+    Video frames and EXIF-stripped captures are one camera; a collection of unrelated photos (Internet ids) is not.
+    Measured on the TRAIN scenes of ``more/`` with ground truth (README "Cameras")."""
+    from ..images import numbered_sequence
+
+    bare = [n for n in names if metas.get(n, {}).get("focal_px") is None]
+    if len(bare) < 3 or not numbered_sequence(bare):
+        return False
+    logger.info("camera_mode auto: the %d images without an EXIF focal length read as frames of one capture "
+                "(numbered names): they share one camera per folder and size (camera_mode: per-image keeps one each)",
+                len(bare))
+    return True
+
+
 def group_cameras(
     names: Sequence[str], sizes: dict[str, tuple[int, int]], metas: dict[str, dict], conf: dict
 ) -> tuple[list[CameraSpec], dict[str, int]]:
@@ -143,6 +160,7 @@ def group_cameras(
         raise CdSfmError(f"camera_mode {mode!r}: expected one of {', '.join(CAMERA_MODES)}")
     factor = float(conf["default_focal_factor"])
     keys: dict[str, tuple] = {}
+    capture = mode == "auto" and _one_capture(names, metas)
     for name in names:
         w, h = sizes[name]
         meta = metas.get(name, {})
@@ -154,7 +172,7 @@ def group_cameras(
             keys[name] = (name,)
         else:  # auto
             if meta.get("focal_px") is None:
-                keys[name] = (name,)
+                keys[name] = ("capture", str(Path(name).parent), w, h) if capture else (name,)
             else:
                 keys[name] = (w, h, meta.get("make"), meta.get("model"), round(float(meta["focal_px"]), 3))
     if mode == "single" and len({sizes[n] for n in names}) > 1:

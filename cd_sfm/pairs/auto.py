@@ -18,35 +18,16 @@ from retrieval pairs in a third of the time).
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..images import numbered_sequence
+
 logger = logging.getLogger(__name__)
 
 EXHAUSTIVE_MAX_IMAGES = 50
-_NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
-
-
-def numbered_sequence(names: Sequence[str]) -> bool:
-    """Whether the names read as frames of one capture: at least 80 % of them are ``<prefix><number><suffix>`` with
-    the most common (folder, prefix, suffix), and those numbers, sorted, rise in steps no larger than 10 x their
-    median step (no large jumps: one camera's counter, a video's frame index, not unrelated photos' ids)."""
-    stems = [Path(n).with_suffix("").as_posix() for n in names]
-    parsed = [m.groups() for m in map(_NUMBERED.match, stems) if m]
-    if len(parsed) < max(3, 0.8 * len(names)):
-        return False
-    key, count = Counter((p, s) for p, _, s in parsed).most_common(1)[0]
-    if count < 0.8 * len(names):
-        return False
-    nums = np.sort(np.array([int(d) for p, d, s in parsed if (p, s) == key], np.int64))
-    steps = np.diff(nums)
-    if len(steps) == 0 or (steps <= 0).any():
-        return False
-    return bool(steps.max() <= 10 * max(np.median(steps), 1))
 
 
 def timed_sequence(image_dir: Path | None, names: Sequence[str]) -> bool:
