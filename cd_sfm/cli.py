@@ -150,7 +150,8 @@ def _add_matching(p: argparse.ArgumentParser) -> None:
 def _add_sfm(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("COLMAP")
     g.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"],
-                   help="which images share intrinsics (default auto: same size and EXIF camera)")
+                   help="which images share intrinsics (default auto: same size and EXIF camera; without EXIF, numbered "
+                        "frames of one capture share one)")
     g.add_argument("--camera-model", help="COLMAP camera model (default SIMPLE_RADIAL)")
     g.add_argument("--prior-focal-length", action="store_true", default=None,
                    help="treat the focal guess as reliable even without EXIF")
