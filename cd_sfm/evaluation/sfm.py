@@ -205,8 +205,8 @@ def evaluate_sfm(scene: str | Path, methods: list[str], work_dir: str | Path, mo
                             overwrite=conf.overwrite and i == 0, progress=True)
             wall = time.perf_counter() - t
             row = {key: s.get(key) for key in ("num_images_used", "num_images_registered", "num_points3D",
-                                         "mean_track_length", "mean_reprojection_error", "num_pairs",
-                                         "num_verified_pairs", "num_models")}
+                                               "mean_track_length", "mean_reprojection_error", "num_pairs",
+                                               "num_verified_pairs", "num_models")}
             row["seconds"] = {**s.get("seconds", {}), "wall": round(wall, 2)}
             row["output_dir"] = str(work_dir / m)
             row["seed"] = seed

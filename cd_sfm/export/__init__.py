@@ -116,12 +116,9 @@ def masks_of(out_dir: Path, mask_dir: str | Path | None = None) -> Path | None:
         if not Path(mask_dir).is_dir():
             raise CdSfmError(f"{mask_dir}: mask folder not found")
         return Path(mask_dir)
-    try:
-        import yaml
+    from ..config import read_saved
 
-        recorded = (yaml.safe_load((out_dir / "config.yaml").read_text()) or {}).get("masks")
-    except (OSError, ValueError, AttributeError):
-        return None
+    recorded = (read_saved(out_dir / "config.yaml") or {}).get("masks")
     if recorded and not Path(recorded).is_dir():
         logger.warning("%s: the run's mask folder is gone; exporting without masks", recorded)
         return None

@@ -108,12 +108,10 @@ def export(model: Path, image_dir: Path, output: Path, max_image_size: int | Non
         work = tmp / ".undistorted"
         undistort(model, image_dir, work, max_image_size)
         (work / "images").rename(tmp / "images")
-        masks = undistort_masks(model, work / "sparse", mask_dir, tmp / "masks") if mask_dir else 0
+        masked = undistort_masks(model, work / "sparse", mask_dir, tmp / "masks") if mask_dir else []
         rec = pycolmap.Reconstruction(str(work / "sparse"))
         shutil.rmtree(work)
-        masked = {p.relative_to(tmp / "masks").as_posix()[:-4] for p in (tmp / "masks").rglob("*.png")} \
-            if masks else set()
-        data = transforms(rec, masked)
+        data = transforms(rec, set(masked))
         atomic_write_text(tmp / "transforms.json", json.dumps(data, indent=2) + "\n")
         write_points(rec, tmp / "sparse_pc.ply")
         commit(tmp, output)
@@ -121,4 +119,4 @@ def export(model: Path, image_dir: Path, output: Path, max_image_size: int | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"num_images": len(data["frames"]), "num_points3D": rec.num_points3D(), "camera_models": ["PINHOLE"],
-            "num_masks": masks}
+            "num_masks": len(masked)}

@@ -55,11 +55,12 @@ def undistort(model: Path, image_dir: Path, output: Path, max_image_size: int | 
         raise CdSfmError(f"{output}: the undistorter wrote no model")
 
 
-def undistort_masks(model: Path, undistorted: Path, mask_dir: Path, output: Path) -> int:
+def undistort_masks(model: Path, undistorted: Path, mask_dir: Path, output: Path) -> list[str]:
     """The feature masks of the run (COLMAP's ``mask_path`` names, drawn on the stored pixels: see
     :func:`cd_sfm.images.read_mask`) resampled into the undistorted cameras of ``undistorted`` (nearest pixel, black
     outside the original image), as ``output/<image name>.png``: COLMAP's ``--StereoFusion.mask_path`` names, and
-    nerfstudio's ``mask_path`` format (0 = ignore). Images without a mask get none. Returns the number written."""
+    nerfstudio's ``mask_path`` format (0 = ignore). Images without a mask get none. Returns the names of the images
+    whose mask was written."""
     import cv2
     import numpy as np
     import pycolmap
@@ -69,7 +70,7 @@ def undistort_masks(model: Path, undistorted: Path, mask_dir: Path, output: Path
     src = pycolmap.Reconstruction(str(model))
     dst = pycolmap.Reconstruction(str(undistorted))
     by_name = {src.images[i].name: src.images[i] for i in src.reg_image_ids()}
-    written = 0
+    written = []
     for i in dst.reg_image_ids():
         im = dst.images[i]
         path = find_mask(mask_dir, im.name)
@@ -88,8 +89,8 @@ def undistort_masks(model: Path, undistorted: Path, mask_dir: Path, output: Path
         target.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(target), out):
             raise CdSfmError(f"{target}: cannot write the mask")
-        written += 1
-    logger.info("Undistorted %d masks into %s", written, output)
+        written.append(im.name)
+    logger.info("Undistorted %d masks into %s", len(written), output)
     return written
 
 
@@ -105,7 +106,7 @@ def export(kind: str, model: Path, image_dir: Path, output: Path, max_image_size
         undistort(model, image_dir, tmp, max_image_size)
         sparse = tmp / "sparse"
         rec = pycolmap.Reconstruction(str(sparse))
-        masks = undistort_masks(model, sparse, mask_dir, tmp / "masks") if mask_dir and kind == "undistorted" else 0
+        masks = undistort_masks(model, sparse, mask_dir, tmp / "masks") if mask_dir and kind == "undistorted" else []
         if kind == "gaussian-splatting":
             # as gaussian-splatting's convert.py: the model moves into sparse/0, the MVS extras go
             (sparse / "0").mkdir()
@@ -125,4 +126,4 @@ def export(kind: str, model: Path, image_dir: Path, output: Path, max_image_size
         raise
     cams = {c.model.name for c in rec.cameras.values()}
     return {"num_images": rec.num_reg_images(), "num_points3D": rec.num_points3D(), "camera_models": sorted(cams),
-            "num_masks": masks}
+            "num_masks": len(masks)}

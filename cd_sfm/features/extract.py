@@ -166,9 +166,9 @@ def extract_image(backend, conf: dict, path: Path, stamp: dict | None = None, ma
     image, original_size = _read_original(path, grayscale, conf.get("max_image_size"))
     stamp = stamp or source_stamp(path)
     orientation = exif_orientation(path)
+    w, h = original_size
+    stored = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # the file's own pixels, what COLMAP sees
     if mask is not None:
-        w, h = original_size
-        stored = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
         m = read_mask(mask, stored, orientation, name or path.name)
         feats = backend.extract(image, mask=m)
         stamp = {**stamp, **(mask_stamp_ or mask_stamp(mask))}
@@ -176,8 +176,6 @@ def extract_image(backend, conf: dict, path: Path, stamp: dict | None = None, ma
         feats = backend.extract(image)
     feats = rescale_features(feats, original_size, (image.shape[1], image.shape[0]))
     if orientation != 1:  # features were found upright; COLMAP and its GUI see the stored pixels
-        w, h = original_size
-        stored = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
         feats["keypoints"], ori = upright_to_stored(feats["keypoints"], feats.get("orientations"), orientation, stored)
         if ori is not None:
             feats["orientations"] = ori
@@ -232,6 +230,16 @@ class ExtractWorker:
                     Path(t).unlink(missing_ok=True)
 
 
+def _shipped(path: Path, stamp_of) -> tuple[bytes, dict | None]:
+    """A file's bytes and stamp for a worker without the shared file system; b"" when unreadable (the worker then
+    reports the file)."""
+    try:
+        return path.read_bytes(), stamp_of(path)
+    except OSError as e:
+        logger.debug("cannot read %s: %s", path, e)
+        return b"", None
+
+
 def _spill(data: bytes, suffix: str) -> str:
     """Write shipped bytes to a temporary file (its path)."""
     fd, tmp = tempfile.mkstemp(suffix=suffix)
@@ -278,12 +286,12 @@ def _changed_sources(image_dir: Path, feature_path: Path, names: list[str],
     masks = masks or {}
     changed = []
     for n, attrs in entry_attrs(feature_path, names).items():
-        was = (int(attrs["mask_size"]), int(attrs["mask_mtime_ns"])) if "mask_size" in attrs else None
+        was = {k: int(attrs[k]) for k in ("mask_size", "mask_mtime_ns") if k in attrs}
         try:
-            m = mask_stamp(masks.get(n))
+            now = mask_stamp(masks.get(n))
         except OSError:
-            m = {}
-        if was != ((m["mask_size"], m["mask_mtime_ns"]) if m else None):
+            now = {}
+        if was != now:
             changed.append(n)
             continue
         if "source_size" not in attrs:
@@ -380,19 +388,9 @@ def main(
                 path, mask = image_dir / name, masks.get(name)
                 data = stamp = mask_data = mstamp = None
                 if executor.ships_data:
-                    try:
-                        stamp = source_stamp(path)
-                        data = path.read_bytes()
-                    except OSError as e:  # the worker reports the unreadable file
-                        data = b""
-                        logger.debug("cannot read %s: %s", path, e)
+                    data, stamp = _shipped(path, source_stamp)
                     if mask is not None:
-                        try:
-                            mstamp = mask_stamp(mask)
-                            mask_data = mask.read_bytes()
-                        except OSError as e:
-                            mask_data = b""
-                            logger.debug("cannot read %s: %s", mask, e)
+                        mask_data, mstamp = _shipped(mask, mask_stamp)
                 yield name, str(path), data, stamp, str(mask) if mask else None, mask_data, mstamp
 
         # a part file every 16 images or two seconds: a killed run loses at most that much work
