@@ -31,7 +31,15 @@ from .io import CdSfmError
 
 logger = logging.getLogger(__name__)
 
+# the formats both we (Pillow) and COLMAP read (pycolmap's Bitmap, which undistortion, dense stereo and the GUI use)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
+# formats users have that COLMAP does not read: the log says what to do with them
+_UNREADABLE_HINTS = {".heic": "convert them to JPEG or PNG: COLMAP does not read that format", ".heif": "convert them to JPEG or PNG: COLMAP does not read that format", ".avif": "convert them to JPEG or PNG: COLMAP does not read that format",
+                     ".webp": "convert them to JPEG or PNG: COLMAP does not read that format", ".jxl": "convert them to JPEG or PNG: COLMAP does not read that format",
+                     ".cr2": "develop raw photos to JPEG or TIFF", ".nef": "develop raw photos to JPEG or TIFF",
+                     ".arw": "develop raw photos to JPEG or TIFF", ".dng": "develop raw photos to JPEG or TIFF",
+                     ".raf": "develop raw photos to JPEG or TIFF", ".orf": "develop raw photos to JPEG or TIFF",
+                     ".rw2": "develop raw photos to JPEG or TIFF"}
 
 # EXIF tags (see the EXIF 2.3 specification)
 _TAG_MAKE, _TAG_MODEL, _TAG_ORIENTATION, _TAG_EXIF_IFD = 0x010F, 0x0110, 0x0112, 0x8769
@@ -76,7 +84,7 @@ def list_images(
         raise CdSfmError(f"{root}: not a folder")
     patterns = list(patterns) if patterns else None
     names: list[str] = []
-    ignored = 0
+    ignored: Counter[str] = Counter()  # by extension
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -90,18 +98,31 @@ def list_images(
             name = fn if rel_dir == "." else f"{rel_dir}/{fn}"
             if fn.startswith(".") or not is_image_name(fn):
                 logger.debug("Ignoring %s: not an image file", root / name)
-                ignored += 1
+                if not fn.startswith("."):
+                    ignored[Path(fn).suffix.lower() or "(no extension)"] += 1
                 continue
             if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
                 continue
             names.append(name)
     names.sort()
+    ignored_text = _ignored_text(ignored)
     if ignored:
-        logger.info("Ignored %d non-image file(s) in %s", ignored, root)
+        hints = [h for h in dict.fromkeys(_UNREADABLE_HINTS.get(ext) for ext in ignored) if h]
+        log = logger.warning if hints else logger.info
+        log("Ignored %s in %s%s", ignored_text, root, f" ({'; '.join(hints)})" if hints else "")
     if not names:
         what = f" matching {', '.join(patterns)}" if patterns else ""
-        raise CdSfmError(f"{root}: no images found{what} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        also = f"; ignored {ignored_text}" if ignored else ""
+        raise CdSfmError(f"{root}: no images found{what} (looked for {', '.join(IMAGE_EXTENSIONS)}{also})")
     return _check_duplicates(root, names, on_duplicate, skipped)
+
+
+def _ignored_text(ignored: Counter[str], most: int = 5) -> str:
+    """``"3 non-image files (2 .heic, 1 .txt)"``: the commonest extensions first."""
+    total = sum(ignored.values())
+    kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0]))[:most])
+    more = ", ..." if len(ignored) > most else ""
+    return f"{total} non-image file{'s' if total != 1 else ''} ({kinds}{more})"
 
 
 def _check_duplicates(root: Path, names: list[str], on_duplicate: str, skipped: dict[str, str] | None) -> list[str]:

@@ -296,6 +296,21 @@ def test_export_cli(sift_run, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "summary.json: not found" in err
 
 
+def test_an_image_colmap_cannot_read_is_named_not_left_out(sift_run, tmp_path, capsys):
+    # COLMAP's undistorter logs and skips an image it cannot decode; the export must not end with a folder short of it
+    scene, out, _ = sift_run
+    images = tmp_path / "images"
+    shutil.copytree(scene.image_dir, images)
+    rec = pycolmap.Reconstruction(str(out / "sparse" / "0"))
+    broken = sorted(rec.images[i].name for i in rec.reg_image_ids())[1]
+    (images / broken).write_bytes(b"not an image any more")
+    code = cli.main(["export", str(out), "--to", "undistorted", "--images", str(images), "--output",
+                     str(tmp_path / "und")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1
+    assert f"cd-sfm: error: {images / broken}: COLMAP's undistorter could not read this image (1 of {rec.num_reg_images()}" in errors[0]
+
+
 def test_masks_follow_the_undistorted_images(sift_run, tmp_path, capsys):
     """A run's feature masks go into the undistorted and nerfstudio exports resampled into the undistorted cameras:
     each model point has the same mask value at its keypoint in the original image and at its moved 2D point in the

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cd_sfm.images import image_info, list_images, natural_key, read_image
+from cd_sfm.images import IMAGE_EXTENSIONS, image_info, list_images, natural_key, read_image
 from cd_sfm.io import CdSfmError
 
 
@@ -51,11 +51,38 @@ def test_list_images_errors(tmp_path):
         list_images(tmp_path / "empty")
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("x")
-    with pytest.raises(CdSfmError, match=r"text: no images found"):
+    with pytest.raises(CdSfmError, match=r"text: no images found .*; ignored 1 non-image file \(1 \.txt\)"):
         list_images(tmp_path / "text")
     (tmp_path / "file.jpg").write_bytes(b"x")
     with pytest.raises(CdSfmError, match="not a folder"):
         list_images(tmp_path / "file.jpg")
+
+
+def test_formats_colmap_cannot_read_are_named_with_what_to_do(tmp_path, caplog):
+    # phone and web formats: Pillow may read WebP, but COLMAP (undistortion, dense stereo, its GUI) does not
+    img = texture()
+    save(tmp_path / "a.webp", img, lossless=True)
+    save(tmp_path / "b.jpg", img)
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "DSC_3.NEF", "notes.txt"):
+        (tmp_path / name).write_bytes(b"not for us")
+    with caplog.at_level(logging.INFO, logger="cd_sfm.images"):
+        assert list_images(tmp_path) == ["b.jpg"]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "Ignored 5 non-image files (2 .heic, 1 .nef, 1 .txt, 1 .webp)" in warned[0].getMessage()
+    assert "(convert them to JPEG or PNG: COLMAP does not read that format; develop raw photos to JPEG or TIFF)" in warned[0].getMessage()
+    (tmp_path / "b.jpg").unlink()
+    with pytest.raises(CdSfmError, match=r"no images found .*; ignored 5 non-image files \(2 \.heic"):
+        list_images(tmp_path)
+
+
+def test_colmap_reads_every_accepted_extension(tmp_path):
+    pycolmap = pytest.importorskip("pycolmap")
+    img = texture()
+    for ext in IMAGE_EXTENSIONS:
+        path = save(tmp_path / f"a{ext}", img if ext != ".pgm" else img[..., 0])
+        bitmap = pycolmap.Bitmap.read(str(path), True)
+        assert bitmap is not None and (bitmap.width, bitmap.height) == (64, 48), ext
 
 
 def test_list_images_case_duplicates(tmp_path):

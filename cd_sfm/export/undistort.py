@@ -53,6 +53,10 @@ def undistort(model: Path, image_dir: Path, output: Path, max_image_size: int | 
     pycolmap.undistort_images(str(output), str(model), str(image_dir), undistort_options=opts)
     if not (output / "sparse" / "cameras.bin").exists():
         raise CdSfmError(f"{output}: the undistorter wrote no model")
+    unread = [rec.images[i].name for i in rec.reg_image_ids() if not (output / "images" / rec.images[i].name).exists()]
+    if unread:  # COLMAP logs and skips an image its reader cannot decode (a format it lacks, a damaged file)
+        raise CdSfmError(f"{image_dir / unread[0]}: COLMAP's undistorter could not read this image ({len(unread)} of "
+                         f"{rec.num_reg_images()} not written: a damaged file, or a format COLMAP does not read)")
 
 
 def undistort_masks(model: Path, undistorted: Path, mask_dir: Path, output: Path) -> list[str]:
