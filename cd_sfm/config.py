@@ -72,8 +72,9 @@ from typing import Any
 
 import yaml
 
+from .colmap import database as _database, mapping as _mapping, verify as _verify
 from .colmap.database import CAMERA_MODES, DESCRIPTOR_UINT8_MODES
-from .colmap.mapping import MAPPERS, MIN_IMAGE_POINTS
+from .colmap.mapping import MAPPERS
 from .io import CdSfmError, atomic_write_text
 from .models import PRECISIONS  # ContextDesc inference (re-exported for the CLIs)
 
@@ -91,20 +92,20 @@ DEFAULTS: dict[str, Any] = {
     "retrieval": "auto",
     "matching": "NN-ratio",
     "matching_options": {"cross_ratio": True, "screen": "auto"},
-    "camera_mode": "auto",
-    "camera_model": "SIMPLE_RADIAL",
-    "prior_focal_length": False,
-    "default_focal_factor": 1.2,
-    "descriptor_uint8": "auto",
-    "verification": {"min_num_inliers": 15, "ransac": {"max_error": 4.0}},
-    "mapper": "incremental",
+    # the database, verification and mapping stages keep their own defaults (hloc-style ``default_conf``); these
+    # keys name them in the one flat configuration
+    **{key: _database.default_conf[key] for key in ("camera_mode", "camera_model", "prior_focal_length",
+                                                     "default_focal_factor", "descriptor_uint8")},
+    "verification": {"min_num_inliers": _verify.default_conf["min_num_inliers"],
+                     "ransac": {"max_error": _verify.default_conf["ransac"]["max_error"]}},
+    "mapper": _mapping.default_conf["mapper"],
     "incremental_options": {},
     "global_options": {},
     "hierarchical_options": {},
-    "mapping_retries": 1,
-    "mapping_fallback": True,
-    "min_image_points": MIN_IMAGE_POINTS,
-    "seed": 0,
+    "mapping_retries": _mapping.default_conf["retries"],
+    "mapping_fallback": _mapping.default_conf["fallback"],
+    "min_image_points": _mapping.default_conf["min_image_points"],
+    "seed": _mapping.default_conf["seed"],
     "ray": None,
     "ray_options": {},
 }
