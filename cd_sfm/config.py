@@ -52,7 +52,9 @@ Keys:
   two-view geometries, try the global mapper too, and the other way round, keeping the model that registers the
   most images among those that agree: :mod:`cd_sfm.colmap.consistency`; one with more images than the configured
   mapper's must also hold more 3D points), ``min_image_points`` (an image stays in a model only when it observes at
-  least this many of its 3D points, COLMAP's bar for registering an image; 0 keeps all), ``seed`` (-1: random).
+  least this many of its 3D points, COLMAP's bar for registering an image; 0 keeps all), ``extend`` (continue the
+  output folder's ``sparse/0`` instead of mapping from scratch: its cameras keep their poses and the new images are
+  registered into it, as COLMAP's ``mapper --input_path``), ``seed`` (-1: random).
 * ``ray``: null (in process), or ``auto`` / ``local`` / a cluster address: extraction and matching run on Ray workers
   (:mod:`cd_sfm.distributed`; same files as in process); ``ray_options``: :class:`cd_sfm.distributed.RayConf` fields
   (``num_workers``, ``ship_data``, ...). Without it nothing imports Ray.
@@ -105,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "mapping_retries": _mapping.default_conf["retries"],
     "mapping_fallback": _mapping.default_conf["fallback"],
     "min_image_points": _mapping.default_conf["min_image_points"],
+    "extend": False,
     "seed": _mapping.default_conf["seed"],
     "ray": None,
     "ray_options": {},
@@ -241,6 +244,7 @@ class MappingSettings:
     retries: int = DEFAULTS["mapping_retries"]
     fallback: bool = DEFAULTS["mapping_fallback"]
     min_image_points: int = DEFAULTS["min_image_points"]
+    extend: bool = DEFAULTS["extend"]
     seed: int = DEFAULTS["seed"]
 
     def options_of(self, mapper: str | None) -> dict:
@@ -287,6 +291,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "global_options": ("mapping", "global_options"), "hierarchical_options": ("mapping", "hierarchical_options"),
     "mapping_retries": ("mapping", "retries"), "mapping_fallback": ("mapping", "fallback"),
     "min_image_points": ("mapping", "min_image_points"),
+    "extend": ("mapping", "extend"),
     "seed": ("mapping", "seed"),
     "ray": ("ray", "address"), "ray_options": ("ray", "options"),
 }
@@ -462,6 +467,7 @@ CHECKS = {
     "mapping_retries": _int(0),
     "mapping_fallback": _bool,
     "min_image_points": _int(0),
+    "extend": _bool,
     "seed": _int(-1),
     "ray": _ray,
     "ray_options": _mapping,

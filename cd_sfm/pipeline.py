@@ -353,13 +353,23 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
             raise CdSfmError(f"{out_dir / f}: not found (run the earlier stages first)")
     seconds = {}
     t = time.perf_counter()
+    previous = out_dir / "sparse" / "0"
+    keep, not_extended = None, None
+    if conf.mapping.extend:  # the database must give the earlier model's images and cameras their ids in it
+        keep, not_extended = mapping.extendable(previous, out_dir / FEATURES, names)
     db_stats = database.main(conf.database.as_dict(), out_dir / DATABASE, out_dir / FEATURES, image_dir,
                              out_dir / PAIRS, out_dir / MATCHES, image_names=names,
-                             verification=conf.verification.verify_conf())
+                             verification=conf.verification.verify_conf(), keep_ids=keep)
+    if keep is not None and not db_stats["kept_ids"]:
+        keep, not_extended = None, db_stats["kept_ids_why"]
+    if not_extended:
+        (logger.warning if previous.exists() else logger.info)("Not extending the earlier model: %s; mapping from "
+                                                               "scratch", not_extended)
     seconds["database"] = time.perf_counter() - t
     t = time.perf_counter()
     rec, map_stats = mapping.main(conf.mapping.mapping_conf(), out_dir / DATABASE, image_dir, out_dir,
-                                  progress=progress)
+                                  progress=progress, extend=previous if keep is not None else None)
+    map_stats["not_extended"] = not_extended
     seconds["mapping"] = time.perf_counter() - t
     return {"database": db_stats, "mapping": map_stats, "seconds": seconds, "reconstruction": rec}
 
@@ -460,6 +470,8 @@ def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str],
         "mapping_tried": ms.get("tried", []),
         "min_image_points": conf.mapping.min_image_points,
         "images_left_out": ms.get("weak_removed", 0),
+        "extended": ms.get("extended"),
+        "not_extended": ms.get("not_extended"),
         "ray": conf.ray.summary(),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -548,6 +560,10 @@ def format_summary(s: dict) -> str:
         (f"Reused {s['features_reused']} image features and {s.get('pairs_reused', 0)} pair matches; "
          if "features_reused" in s else "") + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
     ]
+    if s.get("extended") is not None:
+        lines.append(f"Extended the earlier sparse/0 of {s['extended']} images (their poses kept; --extend)")
+    elif s.get("not_extended"):
+        lines.append(f"Not extended ({s['not_extended']}): mapped from scratch")
     if s.get("masked_images"):
         lines.append(f"Masked {s['masked_images']} of {s['num_images_found']} images (masks from {s.get('masks')})")
     from .colmap.mapping import MIN_AGREEMENT, agrees

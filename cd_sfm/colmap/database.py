@@ -217,15 +217,54 @@ def main(
     matches_path: str | Path | None = None,
     image_names: Sequence[str] | None = None,
     verification: dict | None = None,
+    keep_ids: dict[str, tuple[int, int]] | None = None,
 ) -> dict:
     """Write ``database_path`` (replacing it) from the feature and match files; returns counts.
 
     ``image_names`` limits the images (default: all in ``features_path``); ``pairs_path`` + ``matches_path`` add the
     raw matches; ``verification`` (a ``verify`` conf, or ``{}`` for its defaults) also fills the two-view geometries.
+    ``keep_ids`` (``{name: (image_id, camera_id)}`` of a model to extend, :func:`cd_sfm.colmap.mapping.extendable`)
+    gives those images and cameras their ids in the model, which COLMAP's mapper needs to continue it; the other
+    images and cameras get ids after them. Where this run's cameras no longer group the model's images as the model
+    did, the ids start from 1 as usual and ``stats["kept_ids"]`` is False with ``stats["kept_ids_why"]``.
     """
     with writing(database_path):  # a full disk is one line naming the database
         return _main(conf, database_path, features_path, image_dir, pairs_path, matches_path, image_names,
-                     verification)
+                     verification, keep_ids)
+
+
+def _assign_ids(names: Sequence[str], assign: dict[str, int], num_cameras: int,
+                keep: dict[str, tuple[int, int]] | None) -> tuple[dict[str, int], list[int], str | None]:
+    """Image ids by name and camera ids by camera (index of ``group_cameras``'s specs): 1, 2, ... in order, or those of
+    ``keep`` for its images and their cameras, then new ones after the largest; with the reason when ``keep``
+    cannot be honoured (and the plain ids)."""
+    plain = ({n: i for i, n in enumerate(names, 1)}, list(range(1, num_cameras + 1)))
+    if not keep:
+        return (*plain, None)
+    gone = [n for n in keep if n not in assign]
+    if gone:
+        return (*plain, f"{len(gone)} images of the model are not in this run (e.g. {gone[0]})")
+    cam_of: dict[int, int] = {}  # this run's camera index -> the model's camera id
+    for n, (_, cam) in keep.items():
+        if cam_of.setdefault(assign[n], cam) != cam:
+            other = next(m for m, (_, c) in keep.items() if assign[m] == assign[n] and c != cam)
+            return (*plain, f"{n} and {other} now share a camera but had two in the model")
+    if len(set(cam_of.values())) < len(cam_of):
+        return (*plain, "images of one camera of the model now have two")
+    next_cam = max(cam_of.values()) + 1
+    camera_ids = []
+    for ci in range(num_cameras):
+        if ci not in cam_of:
+            cam_of[ci], next_cam = next_cam, next_cam + 1
+        camera_ids.append(cam_of[ci])
+    next_image = max(i for i, _ in keep.values()) + 1
+    image_ids = {}
+    for n in names:
+        if n in keep:
+            image_ids[n] = keep[n][0]
+        else:
+            image_ids[n], next_image = next_image, next_image + 1
+    return image_ids, camera_ids, None
 
 
 def _main(
@@ -237,6 +276,7 @@ def _main(
     matches_path: str | Path | None = None,
     image_names: Sequence[str] | None = None,
     verification: dict | None = None,
+    keep_ids: dict[str, tuple[int, int]] | None = None,
 ) -> dict:
     import pycolmap
 
@@ -272,11 +312,14 @@ def _main(
                     raise CdSfmError(f"{features_path}: features of {n}: image_size {list(sizes[n])} is not a size")
             metas = {n: _image_meta(image_dir, n, sizes[n]) for n in names}
             specs, assign = group_cameras(names, sizes, metas, conf)
+            image_ids, spec_camera_ids, why = _assign_ids(names, assign, len(specs), keep_ids)
+            if keep_ids is not None:
+                stats.update(kept_ids=why is None, kept_ids_why=why)
             name_to_id: dict[str, int] = {}
             db = pycolmap.Database.open(str(tmp))
             try:
                 camera_ids, rig_ids = [], []
-                for i, spec in enumerate(specs, 1):
+                for i, spec in zip(spec_camera_ids, specs):
                     cam = pycolmap.Camera.create_from_model_name(i, conf["camera_model"], spec.focal, spec.width,
                                                                  spec.height)
                     cam.has_prior_focal_length = spec.has_prior
@@ -285,7 +328,8 @@ def _main(
                     rig.add_ref_sensor(cam.sensor_id)
                     rig_ids.append(db.write_rig(rig, use_rig_id=True))
                 stats["num_cameras"] = len(specs)
-                for image_id, n in enumerate(names, 1):
+                for n in names:
+                    image_id = image_ids[n]
                     ci = assign[n]
                     cam_id = camera_ids[ci]
                     frame = pycolmap.Frame(frame_id=image_id, rig_id=rig_ids[ci])

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..io import CdSfmError, writing
 
 logger = logging.getLogger(__name__)
@@ -148,9 +150,10 @@ def _registration_bar(total: int, progress: bool):
 
 
 def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path, tmp: Path,
-              num_images: int = 0, progress: bool = False) -> list:
+              num_images: int = 0, progress: bool = False, input_model: Path | None = None) -> list:
     """One run of the mapper; returns its models, largest first. ``progress``: a bar of registered images
-    (incremental mapper only: the others have no callbacks)."""
+    (incremental mapper only: the others have no callbacks). ``input_model``: a model for the incremental mapper to
+    continue (COLMAP's ``mapper --input_path``)."""
     import pycolmap
 
     opts = pipeline_options({**conf, "seed": seed})
@@ -163,6 +166,7 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
             bar, on_pair, on_next = _registration_bar(num_images, progress)
             with bar:
                 models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts,
+                                                      input_path=str(input_model or ""),
                                                       initial_image_pair_callback=on_pair,
                                                       next_image_callback=on_next)
         elif conf["mapper"] == "hierarchical":
@@ -233,14 +237,14 @@ def _components(nodes, links) -> list[list]:
 
 
 def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path, num_images: int = 0,
-             progress: bool = False) -> dict:
+             progress: bool = False, input_model: Path | None = None) -> dict:
     """One mapping run and what judges it: registered images and points of its largest model, after the images that
     observe too few of its points are taken out of every model (:func:`prune_weak_images`), and that model's
     agreement with the verified two-view geometries (:mod:`.consistency`)."""
     from .consistency import agreement
 
     t = time.perf_counter()
-    models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress)
+    models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress, input_model)
     min_points = int(conf.get("min_image_points", MIN_IMAGE_POINTS) or 0)
     weak = [prune_weak_images(rec, min_points) for rec in models]
     if any(weak):
@@ -316,8 +320,48 @@ def pair_groups(database_path: Path, min_inliers: int) -> list[int]:
     return sorted(map(len, _components((), links)), reverse=True)
 
 
+def extendable(model_dir: str | Path, features_path: str | Path,
+               names: list[str] | None = None) -> tuple[dict[str, tuple[int, int]] | None, str | None]:
+    """Whether the model in ``model_dir`` (an earlier run's ``sparse/0``) can be continued on this run's images
+    (``names`` of ``features_path``; default: all): ``({name: (image_id, camera_id)}, None)`` for the database to keep
+    (:func:`cd_sfm.colmap.database.main`'s ``keep_ids``), or ``(None, why not)``. Every image of the model must still
+    be used, with the keypoints it had there (features are reused unless the image changed: checked on a sample of
+    positions), and the model must be one of ours (a frame per image with its id, a rig per camera with its id)."""
+    import h5py
+    import pycolmap
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f"images.{ext}").exists() for ext in ("bin", "txt")):
+        return None, f"no model in {model_dir} to extend"
+    try:
+        rec = pycolmap.Reconstruction(str(model_dir))
+    except Exception as e:  # noqa: BLE001 - pycolmap raises RuntimeError / ValueError on damaged files
+        return None, f"{model_dir}: model not readable ({e})"
+    used = None if names is None else set(names)
+    ids: dict[str, tuple[int, int]] = {}
+    with h5py.File(features_path, "r", libver="latest") as f:
+        for i in rec.reg_image_ids():
+            im = rec.images[i]
+            if im.name not in f or (used is not None and im.name not in used):
+                return None, f"{im.name}, an image of the model in {model_dir}, is not used in this run"
+            kps = f[im.name]["keypoints"]
+            n = im.num_points2D()
+            if len(kps) != n:
+                return None, f"{im.name} has {len(kps)} keypoints, {n} in the model (its features were extracted again)"
+            sample = np.unique(np.r_[np.arange(0, n, max(1, n // 64)), n - 1]) if n else np.zeros(0, int)
+            xy = np.array([im.points2D[int(k)].xy for k in sample]).reshape(-1, 2)
+            if not np.allclose(np.asarray(kps[sample], np.float64) + 0.5, xy, atol=1e-3):  # COLMAP: + 0.5
+                return None, f"{im.name} has other keypoints than in the model (its features were extracted again)"
+            if im.frame_id != i or rec.frames[im.frame_id].rig_id != im.camera_id:
+                return None, f"{model_dir}: the model's frames or rigs are not one per image and camera"
+            ids[im.name] = (i, im.camera_id)
+    if not ids:
+        return None, f"{model_dir}: the model has no registered image"
+    return ids, None
+
+
 def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, output_dir: str | Path,
-         progress: bool = False) -> tuple:
+         progress: bool = False, extend: str | Path | None = None) -> tuple:
     """Map ``database_path``; returns ``(reconstruction or None, stats)``. See the module docstring for outputs.
     ``progress``: a progress bar of registered images (incremental mapping).
 
@@ -328,6 +372,12 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
     start from an unlucky initial pair and keep a small first model), and keeps the trusted attempt that registers
     the most images (then has the most points); an untrusted alternative never replaces the configured mapper's
     model, nor does one that registers more images than its trusted model with fewer 3D points (:func:`_grows`). ``stats["tried"]`` lists every attempt.
+
+    ``extend``: a model folder to continue instead (an earlier run's ``sparse/0``, the database written with its ids:
+    :func:`extendable`). The incremental mapper (whatever mapper is configured: only it continues a model) registers
+    the other images into it with the model's camera poses held fixed (``fix_existing_frames``, unless the incremental
+    options say otherwise); nothing else is tried. Where pycolmap cannot load it, the mapping starts from scratch.
+    ``stats["extended"]``: the number of images the model had (None without ``extend``).
     """
     conf = {**default_conf, **(conf or {})}
     database_path, image_dir, output_dir = Path(database_path), Path(image_dir), Path(output_dir)
@@ -354,6 +404,20 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         plan.append(({**conf, "mapper": other, "options": conf.get("fallback_options") or {}}, seed))
     plan += [(conf, seed + k if seed >= 0 else -1) for k in range(1, retries + 1)]
     tried: list[dict] = []
+    extended = None
+    if extend is not None:
+        import pycolmap
+
+        extended = pycolmap.Reconstruction(str(extend)).num_reg_images()
+        options = conf["options"] if conf["mapper"] == "incremental" else conf.get("fallback_options") or {}
+        c = {**conf, "mapper": "incremental", "options": {"fix_existing_frames": True, **options}}
+        logger.info("Mapping: extending %s (%d images, their poses kept)", extend, extended)
+        try:
+            tried.append(_attempt(c, seed, database_path, image_dir, tmp, num_images, progress, Path(extend)))
+            plan = []
+        except Exception as e:  # noqa: BLE001 - pycolmap's loader raises on a model that does not fit the database
+            logger.warning("Mapping: %s could not be extended (%s); mapping from scratch", extend, e)
+            extended = None
     for c, s in plan:
         if tried:
             best_now = max(tried, key=_rank)
@@ -400,6 +464,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
             ply.unlink(missing_ok=True)
     stats = model_stats(best)
     stats.update(num_models=len(ranked), mapper=chosen["mapper"], attempts=attempts, seconds=time.perf_counter() - t0,
+                 extended=extended,
                  agreement=chosen["agreement"], num_connected_images=num_images, pair_groups=groups,
                  model_sizes=[list(_model_size(rec)) for rec in ranked], weak_removed=chosen["weak_removed"],
                  tried=[{k: v for k, v in t.items() if k != "models"} for t in tried])
