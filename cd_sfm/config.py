@@ -36,7 +36,7 @@ Keys:
   ways, as COLMAP's cross check (fewer wrong matches on repeated structures: on sacre_coeur with SIFT it turned a
   seed-dependent 3-of-10 registration into 10 of 10), and ``screen: auto``: from 6144 keypoints a pair is first
   screened on its principal axes and the candidates rescored exactly (:func:`cd_sfm.matching.match_descriptors`;
-  1.7-1.9x the exact pass at 8k keypoints, all of its matches plus 0.02 % more, README "Matching"); ``screen: 0``
+  1.7-1.9x the exact pass at 8k keypoints, all of its matches plus 0.02 % more, docs/speed.md "Matching"); ``screen: 0``
   matches exactly.
 * ``camera_mode`` (auto | single | per-folder | per-image), ``camera_model`` (a COLMAP model name),
   ``prior_focal_length`` (trust the default focal guess as a prior), ``default_focal_factor``, ``descriptor_uint8``

@@ -34,12 +34,10 @@ logger = logging.getLogger(__name__)
 # the formats both we (Pillow) and COLMAP read (pycolmap's Bitmap, which undistortion, dense stereo and the GUI use)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
 # formats users have that COLMAP does not read: the log says what to do with them
-_UNREADABLE_HINTS = {".heic": "convert them to JPEG or PNG: COLMAP does not read that format", ".heif": "convert them to JPEG or PNG: COLMAP does not read that format", ".avif": "convert them to JPEG or PNG: COLMAP does not read that format",
-                     ".webp": "convert them to JPEG or PNG: COLMAP does not read that format", ".jxl": "convert them to JPEG or PNG: COLMAP does not read that format",
-                     ".cr2": "develop raw photos to JPEG or TIFF", ".nef": "develop raw photos to JPEG or TIFF",
-                     ".arw": "develop raw photos to JPEG or TIFF", ".dng": "develop raw photos to JPEG or TIFF",
-                     ".raf": "develop raw photos to JPEG or TIFF", ".orf": "develop raw photos to JPEG or TIFF",
-                     ".rw2": "develop raw photos to JPEG or TIFF"}
+_CONVERT = "convert them to JPEG or PNG: COLMAP does not read that format"
+_DEVELOP = "develop raw photos to JPEG or TIFF"
+_UNREADABLE_HINTS = {**dict.fromkeys((".heic", ".heif", ".avif", ".webp", ".jxl"), _CONVERT),
+                     **dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2"), _DEVELOP)}
 
 # EXIF tags (see the EXIF 2.3 specification)
 _TAG_MAKE, _TAG_MODEL, _TAG_ORIENTATION, _TAG_EXIF_IFD = 0x010F, 0x0110, 0x0112, 0x8769

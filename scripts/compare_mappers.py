@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Both mappers on the same verified database, judged without and with ground truth: the measurements behind the
-mapping rule of ``cd_sfm.colmap.mapping`` (README, "Pairs and mapping").
+mapping rule of ``cd_sfm.colmap.mapping`` (README, "Pairs and mapping"; measurements in docs/mapping.md).
 
     python scripts/compare_mappers.py OUT_DIR [OUT_DIR ...] [--scene DIR] [--json out.json]
 

@@ -139,7 +139,7 @@ def _one_capture(names: Sequence[str], metas: dict[str, dict]) -> bool:
     """``camera_mode: auto``: whether the images without an EXIF focal length read as frames of one capture (at least
     3, numbered names: :func:`cd_sfm.images.numbered_sequence`), so that they share a camera per folder and size.
     Video frames and EXIF-stripped captures are one camera; a collection of unrelated photos (Internet ids) is not.
-    Measured on the TRAIN scenes of ``more/`` with ground truth (README "Cameras")."""
+    Measured on the TRAIN scenes of ``more/`` with ground truth (docs/mapping.md, "Cameras without EXIF")."""
     from ..images import numbered_sequence
 
     bare = [n for n in names if metas.get(n, {}).get("focal_px") is None]

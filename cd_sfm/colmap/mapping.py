@@ -35,8 +35,8 @@ MAPPERS = ("incremental", "global", "hierarchical")
 # an image stays in a model only when it observes at least this many of the model's 3D points: COLMAP's incremental
 # mapper registers no image with fewer 2D-3D inliers (abs_pose_min_num_inliers, 30), but the global mapper places
 # cameras from the view graph and returns some that observe few points or none. On EVAL and TRAIN scenes with ground
-# truth, 0-14 % of the model pairs that hold such an image were within 10 degrees of the true relative pose (README,
-# "Pairs and mapping"); 0 keeps every image
+# truth, 0-14 % of the model pairs that hold such an image were within 10 degrees of the true relative pose (docs/mapping.md,
+# "Images the points do not hold"); 0 keeps every image
 MIN_IMAGE_POINTS = 30
 
 default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
@@ -124,16 +124,17 @@ def model_stats(rec) -> dict:
     }
 
 
-def _registration_bar(total: int, progress: bool):
+def _registration_bar(total: int, progress: bool, start: int = 0):
     """A progress bar of the images registered in the model being built, and the two incremental-mapping callbacks
     that advance it: the initial pair registers two images, each next image one. COLMAP starts a new model (after
     one it discards as too small, or for the images left out of a finished one) with a new initial pair: the bar
-    then starts again at 2, labelled with the model's number, so it never counts past the images there are."""
+    then starts again at 2, labelled with the model's number, so it never counts past the images there are.
+    ``start``: the images of a model being extended (already registered; no initial pair)."""
     from ..progress import tqdm
 
     total = max(int(total), 1)
-    bar = tqdm(total=total, desc="mapping", unit="img", disable=not progress)
-    models = 0
+    bar = tqdm(total=total, initial=min(start, total), desc="mapping", unit="img", disable=not progress)
+    models = 1 if start else 0
 
     def on_pair() -> None:
         nonlocal models
@@ -163,7 +164,8 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     tmp.mkdir(parents=True)
     try:
         if conf["mapper"] == "incremental":
-            bar, on_pair, on_next = _registration_bar(num_images, progress)
+            start = pycolmap.Reconstruction(str(input_model)).num_reg_images() if input_model else 0
+            bar, on_pair, on_next = _registration_bar(num_images, progress, start)
             with bar:
                 models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts,
                                                       input_path=str(input_model or ""),
@@ -282,7 +284,7 @@ def _grows(t: dict, first: dict) -> bool:
     must also hold more 3D points. Right extra cameras add points; cameras placed wrongly (a symmetric object ring
     matched across, where the global mapper's poses still agree with the two-view geometries) lose their tracks to
     the reprojection filter, so such models came out with 1-12 % fewer points than the smaller right incremental
-    model on every such scene measured (README, "Pairs and mapping"), while right global models had 10-540 % more."""
+    model on every such scene measured (docs/mapping.md, "More images must come with more points"), while right global models had 10-540 % more."""
     return t is first or t["registered"] <= first["registered"] or t["points"] > first["points"]
 
 

@@ -8,11 +8,11 @@ a sequence.
 * more images otherwise (an unordered collection): ``retrieval``.
 
 The threshold: exhaustive matching costs N(N-1)/2 pairs, retrieval about ``num_neighbors`` x N before repeats are
-dropped (0.6-0.7 x that after, measured on the pooled collections of the README). With 20 neighbours the two cost the
-same near N = 30 and exhaustive costs twice as much from N = 55 on; at 50 images exhaustive is 1225 pairs, a couple
-of minutes of matching on two cores. Below that the certainty of exhaustive pairs is worth its price; above it the
-quadratic growth is not (the README's retrieval section: 94 photos pooled from 8 scenes registered the same images
-from retrieval pairs in a third of the time).
+dropped (0.6-0.7 x that after, measured on the pooled collections of docs/speed.md). With 20 neighbours the two cost
+the same near N = 30 and exhaustive costs twice as much from N = 55 on; at 50 images exhaustive is 1225 pairs, a
+couple of minutes of matching on two cores. Below that the certainty of exhaustive pairs is worth its price; above
+it the quadratic growth is not (docs/speed.md, "COLMAP's own pipeline, retrieval and scale": 94 photos pooled from 8
+scenes registered the same images from retrieval pairs in a third of the time).
 """
 
 from __future__ import annotations
