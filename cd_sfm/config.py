@@ -54,7 +54,9 @@ Keys:
   mapper's must also hold more 3D points), ``min_image_points`` (an image stays in a model only when it observes at
   least this many of its 3D points, COLMAP's bar for registering an image; 0 keeps all), ``extend`` (continue the
   output folder's ``sparse/0`` instead of mapping from scratch: its cameras keep their poses and the new images are
-  registered into it, as COLMAP's ``mapper --input_path``), ``seed`` (-1: random).
+  registered into it, as COLMAP's ``mapper --input_path``), ``georeference`` (a model whose images carry EXIF GPS
+  positions, at least 3 registered and spanning 4 x ``gps_max_error`` metres or more, is moved into east-north-up
+  metres around them: :mod:`cd_sfm.colmap.georeference`), ``seed`` (-1: random).
 * ``ray``: null (in process), or ``auto`` / ``local`` / a cluster address: extraction and matching run on Ray workers
   (:mod:`cd_sfm.distributed`; same files as in process); ``ray_options``: :class:`cd_sfm.distributed.RayConf` fields
   (``num_workers``, ``ship_data``, ...). Without it nothing imports Ray.
@@ -108,6 +110,8 @@ DEFAULTS: dict[str, Any] = {
     "mapping_fallback": _mapping.default_conf["fallback"],
     "min_image_points": _mapping.default_conf["min_image_points"],
     "extend": False,
+    "georeference": _mapping.default_conf["georeference"],
+    "gps_max_error": _mapping.default_conf["gps_max_error"],
     "seed": _mapping.default_conf["seed"],
     "ray": None,
     "ray_options": {},
@@ -245,6 +249,8 @@ class MappingSettings:
     fallback: bool = DEFAULTS["mapping_fallback"]
     min_image_points: int = DEFAULTS["min_image_points"]
     extend: bool = DEFAULTS["extend"]
+    georeference: bool = DEFAULTS["georeference"]
+    gps_max_error: float = DEFAULTS["gps_max_error"]
     seed: int = DEFAULTS["seed"]
 
     def options_of(self, mapper: str | None) -> dict:
@@ -257,7 +263,8 @@ class MappingSettings:
         other = OTHER_MAPPER.get(self.mapper)
         return {"mapper": self.mapper, "options": self.options_of(self.mapper), "seed": self.seed,
                 "retries": self.retries, "fallback": self.fallback, "fallback_options": self.options_of(other),
-                "min_image_points": self.min_image_points}
+                "min_image_points": self.min_image_points, "georeference": self.georeference,
+                "gps_max_error": self.gps_max_error}
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "mapping_retries": ("mapping", "retries"), "mapping_fallback": ("mapping", "fallback"),
     "min_image_points": ("mapping", "min_image_points"),
     "extend": ("mapping", "extend"),
+    "georeference": ("mapping", "georeference"), "gps_max_error": ("mapping", "gps_max_error"),
     "seed": ("mapping", "seed"),
     "ray": ("ray", "address"), "ray_options": ("ray", "options"),
 }
@@ -468,6 +476,8 @@ CHECKS = {
     "mapping_fallback": _bool,
     "min_image_points": _int(0),
     "extend": _bool,
+    "georeference": _bool,
+    "gps_max_error": _num(0, open_lo=True),
     "seed": _int(-1),
     "ray": _ray,
     "ray_options": _mapping,

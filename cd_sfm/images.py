@@ -19,6 +19,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,6 +45,7 @@ _TAG_MAKE, _TAG_MODEL, _TAG_ORIENTATION, _TAG_EXIF_IFD = 0x010F, 0x0110, 0x0112,
 _TAG_FOCAL, _TAG_FOCAL_35MM = 0x920A, 0xA405
 _TAG_FP_XRES, _TAG_FP_UNIT = 0xA20E, 0xA210
 _TAG_PIXEL_X, _TAG_PIXEL_Y = 0xA002, 0xA003
+_TAG_GPS_IFD = 0x8825  # in it: 1 / 2 latitude ref / value, 3 / 4 longitude, 5 / 6 altitude (ref 1: below sea level)
 _FP_UNIT_MM = {2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}  # FocalPlaneResolutionUnit -> millimetres per unit
 
 
@@ -421,6 +423,7 @@ class ImageInfo:
     focal_mm: float | None = None
     focal_35mm: float | None = None
     focal_source: str | None = None  # "35mm", "focal_plane" or "sensor_width"
+    gps: tuple[float, float, float] | None = None  # (latitude, longitude, altitude): degrees, degrees, metres (WGS84)
 
     @property
     def camera_id(self) -> str:
@@ -434,6 +437,36 @@ def _as_float(v) -> float | None:
     except (TypeError, ValueError, ZeroDivisionError):
         return None
     return f if math.isfinite(f) and f > 0 else None
+
+
+def _dms(v) -> float | None:
+    """Degrees from EXIF's (degrees, minutes, seconds) rationals."""
+    try:
+        d, m, sec = (float(x[0]) / float(x[1]) if isinstance(x, tuple) else float(x) for x in v)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    deg = d + m / 60.0 + sec / 3600.0
+    return deg if math.isfinite(deg) else None
+
+
+def exif_gps(gps: Mapping) -> tuple[float, float, float] | None:
+    """(latitude, longitude, altitude) of an EXIF GPS IFD, as COLMAP's image reader takes them: all three present,
+    south and west negative, altitude below sea level (reference 1) negative; None otherwise or out of range."""
+    lat, lon = _dms(gps.get(2)), _dms(gps.get(4))
+    alt = gps.get(6)
+    try:
+        alt = float(alt[0]) / float(alt[1]) if isinstance(alt, tuple) else float(alt)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if lat is None or lon is None or not math.isfinite(alt) or lat > 90 or lon > 180:
+        return None
+
+    def ref(tag) -> str:
+        return (_as_text(gps.get(tag)) or "").upper()[:1]
+
+    below = gps.get(5)
+    below = below[0] if isinstance(below, bytes) and below else below
+    return (-lat if ref(1) == "S" else lat, -lon if ref(3) == "W" else lon, -alt if below == 1 else alt)
 
 
 def _as_text(v) -> str | None:
@@ -478,6 +511,10 @@ def image_info(path: str | Path, sensor_width_mm: float | None = None) -> ImageI
         sub = exif.get_ifd(_TAG_EXIF_IFD)
     except Exception:  # malformed EXIF block
         sub = {}
+    try:
+        info.gps = exif_gps(exif.get_ifd(_TAG_GPS_IFD))
+    except Exception:  # malformed GPS block: no position, as without one
+        info.gps = None
     info.focal_mm = _as_float(sub.get(_TAG_FOCAL))
     info.focal_35mm = _as_float(sub.get(_TAG_FOCAL_35MM))
     long_side = max(w, h)

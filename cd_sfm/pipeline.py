@@ -472,6 +472,8 @@ def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str],
         "images_left_out": ms.get("weak_removed", 0),
         "extended": ms.get("extended"),
         "not_extended": ms.get("not_extended"),
+        "images_with_gps": sfm["database"].get("num_pose_priors", 0),
+        "georeference": ms.get("georeference"),
         "ray": conf.ray.summary(),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -564,6 +566,13 @@ def format_summary(s: dict) -> str:
         lines.append(f"Extended the earlier sparse/0 of {s['extended']} images (their poses kept; --extend)")
     elif s.get("not_extended"):
         lines.append(f"Not extended ({s['not_extended']}): mapped from scratch")
+    g = s.get("georeference")
+    if g and g.get("georeferenced"):
+        lat, lon, alt = g["origin"]
+        lines.append(f"Georeferenced: east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} "
+                     f"images with GPS, median {g['median_error_m']:.2f} m from their GPS positions)")
+    elif g:
+        lines.append(f"Not georeferenced: {g['why']}")
     if s.get("masked_images"):
         lines.append(f"Masked {s['masked_images']} of {s['num_images_found']} images (masks from {s.get('masks')})")
     from .colmap.mapping import MIN_AGREEMENT, agrees

@@ -312,6 +312,17 @@ def _mapper_fact(s: dict) -> str:
     return f"{mapper} (agreement with the two-view geometries {agree:.2f}{warning}{left})"
 
 
+def _coordinates_fact(s: dict) -> str:
+    """The frame of sparse/0: the mapper's own, or east-north-up metres around the images' GPS positions."""
+    g = s.get("georeference") or {}
+    if g.get("georeferenced"):
+        lat, lon, alt = g["origin"]
+        return (f"east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} images with GPS, "
+                f"median {g['median_error_m']:.2f} m from their GPS positions)")
+    why = f" (not georeferenced: {g['why']})" if g.get("why") else ""
+    return "the mapper's own (arbitrary scale)" + why
+
+
 def facts(summary: dict) -> list[tuple[str, str]]:
     """(label, value) lines of the run's numbers."""
     s = summary
@@ -331,7 +342,9 @@ def facts(summary: dict) -> list[tuple[str, str]]:
         ("masks", f"{s['masked_images']} images masked ({s.get('masks')})" if s.get("masked_images") else "none"),
         ("precision", _fmt(prec, none="-")),
         ("pairs", f"{s.get('pairs')}: {s.get('num_pairs', 0)} pairs, {s.get('num_verified_pairs', 0)} verified"),
-        ("mapper", _mapper_fact(s)),
+        ("mapper", _mapper_fact(s) + (f"; extended the earlier model of {s['extended']} images"
+                                      if s.get("extended") is not None else "")),
+        ("coordinates", _coordinates_fact(s)),
         ("Ray", "off" if not ray else ", ".join(f"{k} {v}" for k, v in ray.items()) if isinstance(ray, dict)
          else str(ray)),
     ]

@@ -88,6 +88,13 @@ def test_facts_flag_a_model_that_disagrees_with_its_pairs():
     assert mapper(pruned) == ("global (agreement with the two-view geometries 1.00; 5 images left out, observing "
                               "fewer than 30 of its 3D points)")
     assert dict(facts({}))["masks"] == "none"
+    assert dict(facts({}))["coordinates"] == "the mapper's own (arbitrary scale)"
+    geo = {"georeferenced": True, "origin": [47.3768871, 8.541694, 408.04], "images": 8, "median_error_m": 0.113}
+    assert dict(facts({"georeference": geo}))["coordinates"] == \
+        "east-north-up metres around 47.376887, 8.541694, 408.0 m (8 images with GPS, median 0.11 m from their GPS " \
+        "positions)"
+    assert dict(facts({"extended": 6, "mapper": "incremental"}))["mapper"] == \
+        "incremental; extended the earlier model of 6 images"
     assert dict(facts({"masked_images": 22, "masks": "/data/masks"}))["masks"] == "22 images masked (/data/masks)"
 
 

@@ -113,8 +113,9 @@ class CameraSpec:
 
 
 def _image_meta(image_dir: Path | None, name: str, size: tuple[int, int]) -> dict:
-    """EXIF make / model / focal (pixels, scaled to ``size``) of an image, or empties when unknown."""
-    meta = {"make": None, "model": None, "focal_px": None}
+    """EXIF make / model / focal (pixels, scaled to ``size``) / GPS position (latitude, longitude, altitude) of an
+    image, or empties when unknown."""
+    meta = {"make": None, "model": None, "focal_px": None, "gps": None}
     if image_dir is None:
         return meta
     path = image_dir / name
@@ -131,7 +132,8 @@ def _image_meta(image_dir: Path | None, name: str, size: tuple[int, int]) -> dic
     if focal is not None and info.width and info.height:
         # EXIF focal in the pixels of the image as read; rescale if the features were reported at another size
         focal = float(focal) * max(size) / max(info.width, info.height)
-    meta.update(make=getattr(info, "make", None), model=getattr(info, "model", None), focal_px=focal)
+    meta.update(make=getattr(info, "make", None), model=getattr(info, "model", None), focal_px=focal,
+                gps=getattr(info, "gps", None))
     return meta
 
 
@@ -300,7 +302,7 @@ def _main(
     for stale in database_path.parent.glob(f".{database_path.name}.*.tmp*"):
         stale.unlink(missing_ok=True)
     stats = {"num_images": len(names), "num_cameras": 0, "num_keypoints": 0, "num_pairs": 0, "num_matches": 0,
-             "missing_pairs": 0}
+             "missing_pairs": 0, "num_pose_priors": 0}
     try:
         with h5py.File(features_path, "r", libver="latest") as ff:
             sizes, counts = {}, {}
@@ -338,6 +340,13 @@ def _main(
                     image = pycolmap.Image(name=n, camera_id=cam_id, image_id=image_id)
                     image.frame_id = image_id
                     db.write_image(image, use_image_id=True)
+                    if metas[n]["gps"] is not None:  # as COLMAP's image reader: (lat, lon, alt), WGS84
+                        db.write_pose_prior(pycolmap.PosePrior(
+                            corr_data_id=pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cam_id),
+                                                         image_id),
+                            position=np.asarray(metas[n]["gps"], np.float64),
+                            coordinate_system=pycolmap.PosePriorCoordinateSystem.WGS84))
+                        stats["num_pose_priors"] += 1
                     grp = ff[n]
                     kps = keypoints_to_colmap(
                         grp["keypoints"][()],

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..io import CdSfmError, writing
+from .georeference import MAX_ERROR as GPS_MAX_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ MIN_IMAGE_POINTS = 30
 
 default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
                                 "retry_max_images": 300, "fallback": True, "fallback_options": {},
-                                "fallback_max_images": 5000, "min_image_points": MIN_IMAGE_POINTS}
+                                "fallback_max_images": 5000, "min_image_points": MIN_IMAGE_POINTS,
+                                "georeference": True, "gps_max_error": GPS_MAX_ERROR}
 
 # a model is trusted when at least this share of its verified image pairs agree with it (half or more of a pair's
 # RANSAC inliers within 4 px of the model's epipolar lines, see consistency.py): 1.0 on good models of the TRAIN
@@ -301,6 +303,25 @@ def _choose(tried: list[dict]) -> dict:
     return max((t for t in tried if t["mapper"] == first["mapper"]), key=_rank)
 
 
+def _georeference(models: list, database_path: Path, conf: dict) -> dict | None:
+    """Every model whose images carry enough GPS positions moved into ENU metres (:mod:`.georeference`); returns what
+    was done to the largest (None where no image has a position, or ``georeference`` is off)."""
+    from .georeference import georeference, gps_priors
+
+    gps = gps_priors(database_path) if conf.get("georeference", True) else {}
+    if not gps or not models:
+        return None
+    done = [georeference(rec, gps, float(conf.get("gps_max_error") or GPS_MAX_ERROR)) for rec in models]
+    g = done[0]
+    if g["georeferenced"]:
+        logger.info("Georeferenced: east-north-up metres around latitude %.6f, longitude %.6f, altitude %.1f m (%d "
+                    "images with GPS, median distance to their GPS position %.2f m)", *g["origin"], g["images"],
+                    g["median_error_m"])
+    else:
+        logger.info("Not georeferenced: %s", g["why"])
+    return g
+
+
 def _describe(t: dict) -> str:
     ag = "n/a" if t["agreement"] is None else f"{t['agreement']:.2f}"
     return f"{t['mapper']} (seed {t['seed']}): {t['registered']} images, {t['points']} points, agreement {ag}"
@@ -439,6 +460,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
                         "placed cameras lose their tracks)", _describe(t), t["registered"], t["points"],
                         tried[0]["points"], tried[0]["mapper"], tried[0]["registered"])
     ranked = chosen["models"]
+    georef = _georeference(ranked, database_path, conf)
     if len(tried) > 1:
         logger.info("Mapping attempts: %s -> %s", "; ".join(_describe(t) for t in tried), _describe(chosen))
     attempts = len(tried)
@@ -466,7 +488,7 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
             ply.unlink(missing_ok=True)
     stats = model_stats(best)
     stats.update(num_models=len(ranked), mapper=chosen["mapper"], attempts=attempts, seconds=time.perf_counter() - t0,
-                 extended=extended,
+                 extended=extended, georeference=georef,
                  agreement=chosen["agreement"], num_connected_images=num_images, pair_groups=groups,
                  model_sizes=[list(_model_size(rec)) for rec in ranked], weak_removed=chosen["weak_removed"],
                  tried=[{k: v for k, v in t.items() if k != "models"} for t in tried])
