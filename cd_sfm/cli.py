@@ -132,10 +132,12 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
 
 def _add_pairs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pairs")
-    g.add_argument("--pairs", help="exhaustive, sequential, retrieval, a file of 'name0 name1' lines, or a union "
-                                   "of these joined by + (e.g. retrieval+sequential)")
+    g.add_argument("--pairs", help="auto (default), exhaustive, sequential, retrieval, spatial (nearest by EXIF GPS), "
+                                   "a file of 'name0 name1' lines, or a union of these joined by + (e.g. "
+                                   "retrieval+sequential)")
     g.add_argument("--overlap", type=int, help="sequential pairs: each image with the next N")
-    g.add_argument("--num-neighbors", type=int, help="retrieval pairs: each image with its N most similar")
+    g.add_argument("--num-neighbors", type=int, help="retrieval / spatial pairs: each image with its N most similar / "
+                                                     "nearest")
     g.add_argument("--retrieval", choices=["auto", "regional", "local"],
                    help="retrieval descriptor: regional (GeM of the regional ResNet50), local (VLAD of the local "
                         "features), auto (regional when its weights are available, else local)")

@@ -27,7 +27,9 @@ Keys:
   removed is extracted (and matched) again.
 * ``pairs``: ``auto`` (the default: exhaustive up to 50 images, else retrieval, plus sequential when the names or
   EXIF times look like a sequence; :mod:`cd_sfm.pairs.auto`), ``exhaustive``, ``sequential`` (each image with the
-  next ``overlap``), ``retrieval`` (each image with its ``num_neighbors`` most similar), the path of a pair file
+  next ``overlap``), ``retrieval`` (each image with its ``num_neighbors`` most similar), ``spatial`` (each image with
+  its ``num_neighbors`` nearest by EXIF GPS position within ``spatial_max_distance`` metres, as COLMAP's spatial
+  matcher: :mod:`cd_sfm.pairs.spatial`), the path of a pair file
   (``name0 name1`` lines), or a union of these joined by ``+`` (``retrieval+sequential``; repeated pairs dropped).
   ``retrieval``: the global descriptor, ``regional`` (GeM of the regional ResNet50, needs its weights), ``local``
   (VLAD of the images' own local descriptors) or ``auto`` (regional when its weights are available, else local).
@@ -93,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "pairs": "auto",
     "overlap": 10,
     "num_neighbors": 20,
+    "spatial_max_distance": 100.0,
     "retrieval": "auto",
     "matching": "NN-ratio",
     "matching_options": {"cross_ratio": True, "screen": "auto"},
@@ -121,7 +124,7 @@ DEFAULTS: dict[str, Any] = {
 FEATURE_KEYS = ("features", "max_image_size", "features_options", "model", "model_digest", "augment")
 MATCHING_KEYS = FEATURE_KEYS + ("matching", "matching_options")
 
-PAIR_METHODS = ("auto", "exhaustive", "sequential", "retrieval")
+PAIR_METHODS = ("auto", "exhaustive", "sequential", "retrieval", "spatial")
 RETRIEVAL_KINDS = ("auto", "regional", "local")
 
 
@@ -188,6 +191,7 @@ class PairSettings:
     pairs: str = DEFAULTS["pairs"]
     overlap: int = DEFAULTS["overlap"]
     num_neighbors: int = DEFAULTS["num_neighbors"]
+    spatial_max_distance: float = DEFAULTS["spatial_max_distance"]
     retrieval: str = DEFAULTS["retrieval"]
 
     @property
@@ -287,6 +291,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "features_options": ("features", "options"), "model": ("features", "model"), "augment": ("features", "augment"),
     "model_digest": ("features", "model_digest"), "masks": ("features", "masks"),
     "pairs": ("pairs", "pairs"), "overlap": ("pairs", "overlap"), "num_neighbors": ("pairs", "num_neighbors"),
+    "spatial_max_distance": ("pairs", "spatial_max_distance"),
     "retrieval": ("pairs", "retrieval"),
     "matching": ("matching", "matching"), "matching_options": ("matching", "options"),
     "camera_mode": ("database", "camera_mode"), "camera_model": ("database", "camera_model"),
@@ -459,6 +464,7 @@ CHECKS = {
     "pairs": _str(),
     "overlap": _int(1),
     "num_neighbors": _int(1),
+    "spatial_max_distance": _num(0, open_lo=True),
     "retrieval": _one_of(RETRIEVAL_KINDS),
     "matching": _matching_preset,
     "matching_options": _mapping,

@@ -312,7 +312,13 @@ def _pairs_of(src: str, names: list[str], out_dir: Path, conf: Config, image_dir
         global_path = globaldesc.main(gconf, out_dir / GLOBAL_FEATURES, features_path=out_dir / FEATURES,
                                       image_dir=image_dir, names=names)
         return retrieval.retrieval_pairs({"num_neighbors": conf.pairs.num_neighbors}, names, global_path)
-    # hook: further pair methods (e.g. spatial from GPS) go here
+    if src == "spatial":
+        from .pairs import spatial
+
+        if image_dir is None:
+            raise CdSfmError("pairs: spatial reads the images' GPS positions: give the image folder")
+        return spatial.main(names, spatial.gps_positions(image_dir, names), num_neighbors=conf.pairs.num_neighbors,
+                            max_distance=conf.pairs.spatial_max_distance)
     from .pairs import from_file
 
     path = Path(src)

@@ -116,3 +116,32 @@ def test_outliers_and_small_spans(gps_scene, tmp_path):
     assert not g["georeferenced"] and g["why"] == "2 registered images with a GPS position, 3 needed"
     g = georeference(pycolmap.Reconstruction(rec), gps, max_error=1000.0)
     assert not g["georeferenced"] and "less than 4 x the 1000 m they may be off by" in g["why"]
+
+
+def test_spatial_pairs_join_near_positions_only():
+    from cd_sfm.pairs import spatial
+
+    # a 5 x 4 survey grid, 30 m apart, heights all over the place (ignored, as COLMAP's ignore_z)
+    enu = {f"img_{r}_{c}.jpg": (30.0 * c, 30.0 * r, 50.0 * ((r * 7 + c * 3) % 5)) for r in range(4) for c in range(5)}
+    names = sorted(enu) + ["no_gps.jpg"]
+    lla = pycolmap.GPSTransform().enu_to_ellipsoid(np.array([enu[n] for n in sorted(enu)]), *ORIGIN)
+    positions = {n: tuple(p) for n, p in zip(sorted(enu), lla)}
+    pairs = spatial.main(names, positions, num_neighbors=4, max_distance=35.0)
+    got = {tuple(sorted(p)) for p in pairs}
+    want = {tuple(sorted((a, b))) for a in enu for b in enu
+            if a < b and np.hypot(enu[a][0] - enu[b][0], enu[a][1] - enu[b][1]) < 31}
+    assert got == want and len(pairs) == len(got)  # grid neighbours only, each pair once
+    assert not any("no_gps.jpg" in p for p in pairs)
+    assert spatial.main(names, {}, num_neighbors=4) == []
+    far = spatial.main(names, positions, num_neighbors=4, max_distance=10.0)
+    assert far == []
+
+
+def test_spatial_pairs_in_a_run(gps_scene, tmp_path):
+    images, _, _ = gps_scene
+    out = tmp_path / "out"
+    summary = reconstruct(images, out, {"features": "sift", "camera_mode": "single", "pairs": "spatial",
+                                        "num_neighbors": 3, "spatial_max_distance": 1000.0},
+                          progress=False, report=False)
+    assert summary["num_pairs"] <= 8 * 3 and summary["num_images_registered"] == 8
+    assert summary["georeference"]["georeferenced"]

@@ -5,6 +5,7 @@ writes them to a ``pairs.txt`` (one ``name0 name1`` per line, hloc's format) whe
 * :mod:`.from_file`: pairs listed by the user, checked against the image names.
 * :mod:`.sequential`: each image with the next ``overlap`` ones (video, ordered captures).
 * :mod:`.retrieval`: each image with its ``num_neighbors`` most similar by global descriptors (``cd_sfm.globaldesc``).
+* :mod:`.spatial`: each image with its ``num_neighbors`` nearest by EXIF GPS position (COLMAP's spatial matcher).
 
 Sources combine by union (``--pairs retrieval+sequential``, see ``cd_sfm.pipeline.run_pairs``): :func:`unique_pairs`
 drops the repeats.
