@@ -36,8 +36,8 @@ MAPPERS = ("incremental", "global", "hierarchical")
 # an image stays in a model only when it observes at least this many of the model's 3D points: COLMAP's incremental
 # mapper registers no image with fewer 2D-3D inliers (abs_pose_min_num_inliers, 30), but the global mapper places
 # cameras from the view graph and returns some that observe few points or none. On EVAL and TRAIN scenes with ground
-# truth, 0-14 % of the model pairs that hold such an image were within 10 degrees of the true relative pose (docs/mapping.md,
-# "Images the points do not hold"); 0 keeps every image
+# truth, 0-14 % of the model pairs that hold such an image were within 10 degrees of the true relative pose
+# (docs/mapping.md, "Images the points do not hold"); 0 keeps every image
 MIN_IMAGE_POINTS = 30
 
 default_conf: dict[str, Any] = {"mapper": "incremental", "options": {}, "seed": 0, "retries": 1,
@@ -286,7 +286,8 @@ def _grows(t: dict, first: dict) -> bool:
     must also hold more 3D points. Right extra cameras add points; cameras placed wrongly (a symmetric object ring
     matched across, where the global mapper's poses still agree with the two-view geometries) lose their tracks to
     the reprojection filter, so such models came out with 1-12 % fewer points than the smaller right incremental
-    model on every such scene measured (docs/mapping.md, "More images must come with more points"), while right global models had 10-540 % more."""
+    model on every such scene measured (docs/mapping.md, "More images must come with more points"), while right
+    global models had 10-540 % more."""
     return t is first or t["registered"] <= first["registered"] or t["points"] > first["points"]
 
 
