@@ -7,6 +7,7 @@ import pytest
 
 from cd_sfm.features import extract
 from cd_sfm.features.sift import SiftBackend
+from cd_sfm.images import read_image_sized
 from cd_sfm.io import CdSfmError, H5Appender, completed_names, list_h5_names, read_features
 
 
@@ -62,9 +63,9 @@ def test_extract_layout_and_rescale(image_dir, tmp_path):
     # c.jpg was halved to 320 px for the backend; keypoints come back in the original frame
     assert kp[:, 0].max() > 330 and kp[:, 0].max() < 640 and kp[:, 1].max() < 480
 
-    # the same as extracting at the reduced size and mapping back by hand
-    small = cv2.resize(cv2.imread(str(image_dir / "sub" / "c.jpg"), cv2.IMREAD_GRAYSCALE), (320, 240),
-                       interpolation=cv2.INTER_AREA)
+    # the same as extracting at the reduced size and mapping back by hand (the JPEG halved in its decoder)
+    small, original = read_image_sized(image_dir / "sub" / "c.jpg", grayscale=True, max_size=320)
+    assert small.shape == (240, 320) and original == (640, 480)
     ref = SiftBackend({"max_keypoints": 300}).extract(small)
     np.testing.assert_allclose(kp, (ref["keypoints"] + 0.5) * 2 - 0.5, atol=1e-3)
     np.testing.assert_allclose(feats["scales"], ref["scales"] * 2, rtol=1e-6)

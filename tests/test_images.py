@@ -172,6 +172,37 @@ def test_rgba_palette_grayscale(tmp_path):
             assert np.array_equal(img, rgb)
 
 
+def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from cd_sfm.images import read_image_sized
+
+    img = cv2.resize(texture(150, 200, seed=3), (2000, 1500), interpolation=cv2.INTER_CUBIC)
+    path = save(tmp_path / "big.jpg", img, quality=95)
+    rotated = tmp_path / "rot.jpg"  # stored 2000 x 1500, upright 1500 x 2000 (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(rotated, quality=95, exif=exif)
+    drafts = []
+    real = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or real(self, mode, size))
+    gray, original = read_image_sized(path, grayscale=True, max_size=400)
+    assert gray.shape == (300, 400) and original == (2000, 1500) and drafts == [(400, 300)]
+    full = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (400, 300), interpolation=cv2.INTER_AREA)
+    assert np.abs(gray.astype(float) - full).mean() < 1.5  # the DCT's quarter scale, then the same area resize
+    up, original = read_image_sized(rotated, max_size=400)
+    assert up.shape == (400, 300, 3) and original == (1500, 2000) and drafts[-1] == (400, 300)
+    want = np.rot90(cv2.resize(img, (400, 300), interpolation=cv2.INTER_AREA), k=-1)  # orientation 6: 90 deg clockwise
+    assert np.abs(up.astype(float) - want).mean() < 3
+    drafts.clear()
+    read_image_sized(path, max_size=1200)  # less than twice: decoded whole
+    read_image_sized(path, grayscale=True)  # luma only, whole
+    read_image_sized(path)
+    assert drafts == [(2000, 1500), (2000, 1500)]
+    assert read_image(path, max_size=400)[1] == pytest.approx(0.2)
+
+
 def test_resize_max(tmp_path):
     path = save(tmp_path / "big.png", texture(300, 400))
     img, scale = read_image(path, max_size=200)

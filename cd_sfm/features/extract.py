@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 from ..progress import tqdm
 
-from ..images import exif_orientation, find_mask, list_images, read_image, read_mask, resize_max, upright_to_stored
+from ..images import exif_orientation, find_mask, list_images, read_image_sized, read_mask, upright_to_stored
 from ..io import ATTRS_KEY, CdSfmError, H5Appender, check_file_settings, completed_names, entry_attrs, \
     features_to_h5, merge_parts
 from . import get_backend
@@ -131,10 +131,7 @@ def rescale_features(feats: dict, original_size: tuple[int, int], size: tuple[in
 
 def _read_original(path: Path, grayscale: bool, max_size: int | None):
     """Read an image for the backend; also return the original (EXIF-oriented) size (w, h)."""
-    image, _ = read_image(path, grayscale=grayscale, max_size=None)
-    original = (image.shape[1], image.shape[0])
-    image, _ = resize_max(image, max_size)
-    return image, original
+    return read_image_sized(path, grayscale=grayscale, max_size=max_size)
 
 
 def source_stamp(path: Path) -> dict:
