@@ -160,6 +160,9 @@ def _add_sfm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mapper", choices=["incremental", "global", "hierarchical"],
                    help="pycolmap mapping pipeline (hierarchical: clusters mapped separately and merged, for large "
                         "scenes)")
+    g.add_argument("--rig-config", metavar="FILE",
+                   help="COLMAP's rig_config.json (rig_configurator's format): images of a rig camera share one camera, "
+                        "images taken together form a frame; rig poses it leaves out are measured on a first model")
     g.add_argument("--extend", action="store_true", default=None,
                    help="continue OUT/sparse/0 of an earlier run: its cameras keep their poses and the images added "
                         "since are registered into it (COLMAP's mapper --input_path), instead of mapping from scratch")
@@ -173,6 +176,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "masks", None) is not None:
         over["masks"] = str(Path(args.masks).resolve())  # config.yaml must find it from any folder
+    if getattr(args, "rig_config", None) is not None:
+        over["rig_config"] = str(Path(args.rig_config).resolve())
     fo = {k: getattr(args, k) for k in ("max_keypoints", "precision") if getattr(args, k, None) is not None}
     if fo:
         over["features_options"] = fo

@@ -42,7 +42,9 @@ Keys:
   matches exactly.
 * ``camera_mode`` (auto | single | per-folder | per-image), ``camera_model`` (a COLMAP model name),
   ``prior_focal_length`` (trust the default focal guess as a prior), ``default_focal_factor``, ``descriptor_uint8``
-  (see :mod:`cd_sfm.colmap.database`).
+  (see :mod:`cd_sfm.colmap.database`), ``rig_config`` (COLMAP's ``rig_config.json``: each rig camera's images share a
+  camera, images whose names match after their camera's prefix form a frame; rig poses the file leaves out are
+  measured on a model mapped without the rigs first).
 * ``verification``: :mod:`cd_sfm.colmap.verify` options (``pycolmap.TwoViewGeometryOptions`` attributes such as
   ``min_num_inliers``, and ``ransac: {max_error: ...}``).
 * ``mapper`` (incremental | global | hierarchical); ``incremental_options`` / ``global_options`` /
@@ -103,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
     # keys name them in the one flat configuration
     **{key: _database.default_conf[key] for key in ("camera_mode", "camera_model", "prior_focal_length",
                                                      "default_focal_factor", "descriptor_uint8")},
+    "rig_config": None,
     "verification": {"min_num_inliers": _verify.default_conf["min_num_inliers"],
                      "ransac": {"max_error": _verify.default_conf["ransac"]["max_error"]}},
     "mapper": _mapping.default_conf["mapper"],
@@ -224,9 +227,11 @@ class DatabaseSettings:
     prior_focal_length: bool = DEFAULTS["prior_focal_length"]
     default_focal_factor: float = DEFAULTS["default_focal_factor"]
     descriptor_uint8: str = DEFAULTS["descriptor_uint8"]
+    rig_config: str | None = DEFAULTS["rig_config"]
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The conf of :func:`cd_sfm.colmap.database.main` (the rig configuration goes separately)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "rig_config"}
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "camera_mode": ("database", "camera_mode"), "camera_model": ("database", "camera_model"),
     "prior_focal_length": ("database", "prior_focal_length"),
     "default_focal_factor": ("database", "default_focal_factor"),
-    "descriptor_uint8": ("database", "descriptor_uint8"),
+    "descriptor_uint8": ("database", "descriptor_uint8"), "rig_config": ("database", "rig_config"),
     "verification": ("verification", "options"),
     "mapper": ("mapping", "mapper"), "incremental_options": ("mapping", "incremental_options"),
     "global_options": ("mapping", "global_options"), "hierarchical_options": ("mapping", "hierarchical_options"),
@@ -400,6 +405,23 @@ def _bool(v):
     return None if isinstance(v, bool) else "expected true or false"
 
 
+def _rig_config(v):
+    """A COLMAP ``rig_config.json`` that pycolmap reads (or null)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        return "expected the path of a COLMAP rig_config.json or null"
+    if not Path(v).is_file():
+        return f"{v}: file not found"
+    from .colmap.database import read_rig_config
+
+    try:
+        read_rig_config(v)
+    except CdSfmError as e:
+        return str(e).removeprefix(f"{v}: ")
+    return None
+
+
 def _one_of(values, none: bool = False):
     def check(v):
         if v is None and none:
@@ -473,6 +495,7 @@ CHECKS = {
     "prior_focal_length": _bool,
     "default_focal_factor": _num(0, open_lo=True),
     "descriptor_uint8": _descriptor_uint8,
+    "rig_config": _rig_config,
     "verification": _mapping,
     "mapper": _one_of(MAPPERS),
     "incremental_options": _mapping,

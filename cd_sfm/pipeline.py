@@ -363,9 +363,10 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
     keep, not_extended = None, None
     if conf.mapping.extend:  # the database must give the earlier model's images and cameras their ids in it
         keep, not_extended = mapping.extendable(previous, out_dir / FEATURES, names)
+    rig = conf.database.rig_config
     db_stats = database.main(conf.database.as_dict(), out_dir / DATABASE, out_dir / FEATURES, image_dir,
                              out_dir / PAIRS, out_dir / MATCHES, image_names=names,
-                             verification=conf.verification.verify_conf(), keep_ids=keep)
+                             verification=conf.verification.verify_conf(), keep_ids=keep, rig_config=rig)
     if keep is not None and not db_stats["kept_ids"]:
         keep, not_extended = None, db_stats["kept_ids_why"]
     if not_extended:
@@ -373,11 +374,33 @@ def run_sfm(image_dir: str | Path, out_dir: str | Path, conf: dict, names: list[
                                                                "scratch", not_extended)
     seconds["database"] = time.perf_counter() - t
     t = time.perf_counter()
+    if rig and db_stats.get("rig") is None:  # rig poses not given: measured on a model mapped without the rigs
+        db_stats["rig"] = _measure_rig(rig, out_dir, image_dir, conf, progress)
     rec, map_stats = mapping.main(conf.mapping.mapping_conf(), out_dir / DATABASE, image_dir, out_dir,
                                   progress=progress, extend=previous if keep is not None else None)
     map_stats["not_extended"] = not_extended
     seconds["mapping"] = time.perf_counter() - t
     return {"database": db_stats, "mapping": map_stats, "seconds": seconds, "reconstruction": rec}
+
+
+def _measure_rig(rig: str, out_dir: Path, image_dir: Path, conf: Config, progress: bool) -> dict | None:
+    """COLMAP's recipe for rigs of unknown poses: map each camera on its own, take every rig camera's mean pose
+    relative to its reference camera over the frames registered with both, and group the images into rigs and
+    frames for the mapping that follows. None (and a warning) where the first model cannot give them."""
+    from .colmap import database, mapping
+
+    logger.info("Rig poses not in %s: mapping without the rigs first to measure them", rig)
+    first, _ = mapping.main({**conf.mapping.mapping_conf(), "georeference": False}, out_dir / DATABASE, image_dir,
+                            out_dir, progress=progress)
+    if first is None:
+        logger.warning("Rig poses: the first mapping gave no model; mapping without the rigs")
+        return None
+    try:
+        got = database.apply_rig_config(out_dir / DATABASE, database.read_rig_config(rig), first)
+        return {**got, "poses": "measured"}
+    except Exception as e:  # noqa: BLE001 - pycolmap refuses a rig camera with no registered image
+        logger.warning("Rig poses: not measurable on the first model (%s); mapping without the rigs", e)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -479,6 +502,7 @@ def make_summary(image_dir: Path, out_dir: Path, conf: Config, found: list[str],
         "extended": ms.get("extended"),
         "not_extended": ms.get("not_extended"),
         "images_with_gps": sfm["database"].get("num_pose_priors", 0),
+        "rig": sfm["database"].get("rig"),
         "georeference": ms.get("georeference"),
         "ray": conf.ray.summary(),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -579,6 +603,11 @@ def format_summary(s: dict) -> str:
                      f"images with GPS, median {g['median_error_m']:.2f} m from their GPS positions)")
     elif g:
         lines.append(f"Not georeferenced: {g['why']}")
+    rig = s.get("rig")
+    if rig:
+        lines.append(f"Rigs: {rig['rigs']}, {rig['frames']} frames ({rig['frames_with_several_images']} with several "
+                     f"images), rig poses {rig['poses']}" + (" on a first model mapped without the rigs"
+                                                            if rig["poses"] == "measured" else ""))
     if s.get("masked_images"):
         lines.append(f"Masked {s['masked_images']} of {s['num_images_found']} images (masks from {s.get('masks')})")
     from .colmap.mapping import MIN_AGREEMENT, agrees

@@ -345,6 +345,8 @@ def facts(summary: dict) -> list[tuple[str, str]]:
         ("mapper", _mapper_fact(s) + (f"; extended the earlier model of {s['extended']} images"
                                       if s.get("extended") is not None else "")),
         ("coordinates", _coordinates_fact(s)),
+        ("rigs", "none" if not s.get("rig") else f"{s['rig']['rigs']}, {s['rig']['frames']} frames, poses "
+                                                 f"{s['rig']['poses']}"),
         ("Ray", "off" if not ray else ", ".join(f"{k} {v}" for k, v in ray.items()) if isinstance(ray, dict)
          else str(ray)),
     ]

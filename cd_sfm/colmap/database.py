@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -156,17 +157,22 @@ def _one_capture(names: Sequence[str], metas: dict[str, dict]) -> bool:
 def group_cameras(
     names: Sequence[str], sizes: dict[str, tuple[int, int]], metas: dict[str, dict], conf: dict
 ) -> tuple[list[CameraSpec], dict[str, int]]:
-    """Decide the cameras: returns the camera specs and, per image name, the index of its camera."""
+    """Decide the cameras: returns the camera specs and, per image name, the index of its camera. The images of a rig
+    camera (a ``conf["rig_prefixes"]`` their names start with) share one camera whatever the mode."""
     mode = conf["camera_mode"]
     if mode not in CAMERA_MODES:
         raise CdSfmError(f"camera_mode {mode!r}: expected one of {', '.join(CAMERA_MODES)}")
     factor = float(conf["default_focal_factor"])
     keys: dict[str, tuple] = {}
     capture = mode == "auto" and _one_capture(names, metas)
+    prefixes = list(conf.get("rig_prefixes") or [])
     for name in names:
         w, h = sizes[name]
         meta = metas.get(name, {})
-        if mode == "single":
+        rig_camera = next((p for p in prefixes if name.startswith(p)), None)
+        if rig_camera is not None:  # a camera of a rig (rig_config): its images share intrinsics, no one else's
+            keys[name] = ("rig", rig_camera, w, h)
+        elif mode == "single":
             keys[name] = (w, h)
         elif mode == "per-folder":
             keys[name] = (str(Path(name).parent), w, h)
@@ -204,6 +210,44 @@ def group_cameras(
 # main
 
 
+def read_rig_config(path: str | Path) -> list:
+    """COLMAP's ``rig_config.json`` (``colmap rig_configurator``'s format) as pycolmap ``RigConfig``s; one line naming
+    the file when it cannot be read."""
+    import pycolmap
+
+    try:
+        configs = pycolmap.read_rig_config(str(path))
+    except Exception as e:  # noqa: BLE001 - pycolmap raises RuntimeError with the parser's message
+        why = re.sub(r"^\((\d+)\):\s*", r"line \1: ", str(e).replace(str(path), "", 1).strip(": "))
+        why = re.sub(r"^\[[^\]]*\]\s*Check failed:\s*\S+\s*", "", why)  # glog's check prefix
+        raise CdSfmError(f"{path}: not a COLMAP rig configuration ({why})") from None
+    if not configs or any(not c.cameras for c in configs):
+        raise CdSfmError(f"{path}: not a COLMAP rig configuration (no rig, or a rig without cameras)")
+    return configs
+
+
+def rig_poses_known(configs: list) -> bool:
+    """Whether every non-reference camera of the rigs has its ``cam_from_rig`` pose in the configuration (else it is
+    measured on a model mapped without the rigs first, as COLMAP's two-step recipe does)."""
+    return all(cam.ref_sensor or cam.cam_from_rig is not None for c in configs for cam in c.cameras)
+
+
+def apply_rig_config(database_path: str | Path, configs: list, reconstruction=None) -> dict:
+    """Group the database's images into rigs and frames (``colmap rig_configurator``): images whose names match after
+    their camera's ``image_prefix`` are one frame. With ``reconstruction``, the unknown rig poses are the mean of its
+    registered images'. Returns counts."""
+    import pycolmap
+
+    db = pycolmap.Database.open(str(database_path))
+    try:
+        pycolmap.apply_rig_config(configs, db, reconstruction)
+        frames = db.read_all_frames()
+        return {"rigs": db.num_rigs(), "frames": len(frames),
+                "frames_with_several_images": sum(len(f.data_ids) > 1 for f in frames)}
+    finally:
+        db.close()
+
+
 def _merge_conf(conf: dict | None) -> dict:
     out = dict(default_conf)
     out.update({k: v for k, v in (conf or {}).items() if v is not None})
@@ -220,6 +264,7 @@ def main(
     image_names: Sequence[str] | None = None,
     verification: dict | None = None,
     keep_ids: dict[str, tuple[int, int]] | None = None,
+    rig_config: str | Path | None = None,
 ) -> dict:
     """Write ``database_path`` (replacing it) from the feature and match files; returns counts.
 
@@ -229,10 +274,13 @@ def main(
     gives those images and cameras their ids in the model, which COLMAP's mapper needs to continue it; the other
     images and cameras get ids after them. Where this run's cameras no longer group the model's images as the model
     did, the ids start from 1 as usual and ``stats["kept_ids"]`` is False with ``stats["kept_ids_why"]``.
+    ``rig_config`` (COLMAP's ``rig_config.json``): the images of each rig camera share one camera, and where the
+    configuration gives every rig pose the images are grouped into rigs and frames here (``stats["rig"]``);
+    otherwise the pipeline does it after a first mapping (:func:`apply_rig_config`).
     """
     with writing(database_path):  # a full disk is one line naming the database
         return _main(conf, database_path, features_path, image_dir, pairs_path, matches_path, image_names,
-                     verification, keep_ids)
+                     verification, keep_ids, rig_config)
 
 
 def _assign_ids(names: Sequence[str], assign: dict[str, int], num_cameras: int,
@@ -279,10 +327,14 @@ def _main(
     image_names: Sequence[str] | None = None,
     verification: dict | None = None,
     keep_ids: dict[str, tuple[int, int]] | None = None,
+    rig_config: str | Path | None = None,
 ) -> dict:
     import pycolmap
 
     conf = _merge_conf(conf)
+    configs = read_rig_config(rig_config) if rig_config else None
+    if configs:
+        conf["rig_prefixes"] = [cam.image_prefix for c in configs for cam in c.cameras]
     database_path = Path(database_path)
     features_path = Path(features_path)
     image_dir = Path(image_dir) if image_dir is not None else None
@@ -365,6 +417,12 @@ def _main(
                     _write_matches(db, pairs_path, matches_path, name_to_id, counts, stats)
             finally:
                 db.close()
+        if configs:
+            unmatched = [p for p in conf["rig_prefixes"] if not any(n.startswith(p) for n in names)]
+            if unmatched:  # COLMAP's rig_configurator needs an image of every rig camera
+                raise CdSfmError(f"{rig_config}: no image name starts with {', '.join(map(repr, unmatched))} (every "
+                                 "rig camera needs images)")
+            stats["rig"] = {**apply_rig_config(tmp, configs), "poses": "given"} if rig_poses_known(configs) else None
         if verification is not None and stats["num_pairs"]:
             from .verify import main as verify_main
 
