@@ -300,9 +300,12 @@ def _pairs_of(src: str, names: list[str], out_dir: Path, conf: Config, image_dir
 
         return exhaustive.main(names)
     if src == "sequential":
+        from .colmap.database import read_rig_config
         from .pairs import sequential
 
-        return sequential.main(names, overlap=conf.pairs.overlap)
+        rig = conf.database.rig_config
+        prefixes = [c.image_prefix for r in read_rig_config(rig) for c in r.cameras] if rig else ()
+        return sequential.main(names, overlap=conf.pairs.overlap, rig_prefixes=prefixes)
     if src == "retrieval":
         from . import globaldesc
         from .pairs import retrieval

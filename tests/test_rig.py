@@ -98,3 +98,22 @@ def test_rig_config_errors_and_the_cli(rig_scene, tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr()
     assert "Reused 12 image features and 66 pair matches" in printed.out and "Rigs: 1, 6 frames" in printed.out
+
+
+def test_sequential_pairs_follow_rig_frames(rig_scene, tmp_path):
+    from cd_sfm.pairs import sequential
+
+    names = [f"rig/cam{c}/{i:04d}.jpg" for c in (1, 2) for i in range(1, 6)] + ["extra.jpg"]
+    pairs = sequential.main(names, overlap=1, rig_prefixes=["rig/cam1/", "rig/cam2/"])
+    got = {frozenset(p) for p in pairs}
+    frame = {n: n.rsplit("/", 1)[-1] for n in names}
+    assert frozenset(("rig/cam1/0001.jpg", "rig/cam2/0001.jpg")) in got  # within a frame
+    assert frozenset(("rig/cam2/0001.jpg", "rig/cam1/0002.jpg")) in got  # across cameras, next frame
+    assert frozenset(("rig/cam1/0001.jpg", "rig/cam1/0003.jpg")) not in got  # two frames apart
+    assert len(pairs) == len(got) == 5 + 4 * 4 + 2  # 5 frames of 2, 4 steps of 2 x 2, the last frame to extra.jpg
+    assert all(a != b and (frame[a] != frame[b] or a.split("/")[1] != b.split("/")[1]) for a, b in pairs)
+    images, pose = rig_scene  # and in a run: sequential pairs of a rig video
+    s = reconstruct(images, tmp_path / "out", {"features": "sift", "pairs": "sequential", "overlap": 2,
+                                                "rig_config": str(write_config(tmp_path / "rig.json", pose))},
+                    progress=False, report=False)
+    assert s["num_pairs"] == 6 * 1 + (5 + 4) * 4 and s["num_images_registered"] == 12

@@ -23,15 +23,21 @@ def main(
     quadratic_overlap: bool = False,
     loop: bool = False,
     per_folder: bool = False,
+    rig_prefixes: Sequence[str] = (),
 ) -> list[Pair]:
     """Pairs (i, i + k) for k = 1..``overlap`` in capture order.
 
     ``quadratic_overlap`` also adds (i, i + 2^k) for k < ``overlap`` (as COLMAP's option of that name); ``loop``
     wraps around (the last images are paired with the first, for closed trajectories); ``per_folder`` treats each
     folder as its own sequence (e.g. one folder per camera of a rig) and makes no pairs across folders.
+    ``rig_prefixes`` (the cameras of a rig configuration): the images of a frame (the same name after their camera's
+    prefix) are put next to each other, and ``overlap`` counts frames, so each image pairs with every image of its
+    own frame and of the next ``overlap`` frames, as COLMAP's sequential matcher expands rig frames.
     """
     if overlap < 1:
         raise ValueError(f"overlap must be >= 1, got {overlap}")
+    if rig_prefixes:
+        return save(_rig_frames(names, list(rig_prefixes), overlap, loop), output_path)
     groups: dict[str, list[str]] = {}
     for name in dict.fromkeys(names):
         key = name.rpartition("/")[0] if per_folder else ""
@@ -57,3 +63,29 @@ def main(
     if not pairs:
         logger.warning("No image pairs: %d image name(s) given", len(names))
     return save(pairs, output_path)
+
+
+def _rig_frames(names: Sequence[str], prefixes: list[str], overlap: int, loop: bool) -> list[Pair]:
+    """Sequential pairs over frames: an image's frame is its name after its rig camera's prefix (an image of no rig
+    camera is a frame of its own); frames in natural order of that key."""
+    frames: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        prefix = next((p for p in prefixes if name.startswith(p)), "")
+        frames.setdefault(name[len(prefix):] if prefix else name, []).append(name)
+    keys = sorted(frames, key=natural_key)
+    pairs: list[Pair] = []
+    n = len(keys)
+    for i, key in enumerate(keys):
+        members = frames[key]
+        pairs.extend((a, b) for k, a in enumerate(members) for b in members[k + 1:])  # within the frame
+        for step in range(1, overlap + 1):
+            j = i + step
+            if j >= n:
+                if not loop or j - n >= i:
+                    continue
+                j -= n
+            pairs.extend((a, b) for a in members for b in frames[keys[j]])
+    pairs = unique_pairs(pairs)
+    if not pairs:
+        logger.warning("No image pairs: %d image name(s) given", len(names))
+    return pairs
