@@ -596,7 +596,9 @@ def format_summary(s: dict) -> str:
          if "features_reused" in s else "") + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
     ]
     if s.get("extended") is not None:
-        lines.append(f"Extended the earlier sparse/0 of {s['extended']} images (their poses kept; --extend)")
+        lines.append(f"Extended the earlier sparse/0 of {s['extended']} images (their poses kept; --extend)"
+                     + ("; only the incremental mapper extends: a run without --extend maps every image from scratch"
+                        if s.get("unregistered") else ""))
     elif s.get("not_extended"):
         lines.append(f"Not extended ({s['not_extended']}): mapped from scratch")
     g = s.get("georeference")
