@@ -166,13 +166,16 @@ def _add_sfm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--extend", action="store_true", default=None,
                    help="continue OUT/sparse/0 of an earlier run: its cameras keep their poses and the images added "
                         "since are registered into it (COLMAP's mapper --input_path), instead of mapping from scratch")
+    g.add_argument("--no-georeference", dest="georeference", action="store_false", default=None,
+                   help="keep the mapper's frame even where the images carry EXIF GPS positions (by default a model "
+                        "with enough of them is moved into east-north-up metres around them)")
     g.add_argument("--seed", type=int, help="random seed of the mapper (-1: random)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     """Config overrides from the flags that were given."""
     keys = ["features", "max_image_size", "model", "augment", "pairs", "overlap", "num_neighbors", "retrieval",
-            "matching", "camera_mode", "camera_model", "prior_focal_length", "mapper", "extend", "seed", "ray"]
+            "matching", "camera_mode", "camera_model", "prior_focal_length", "mapper", "extend", "georeference", "seed", "ray"]
     over = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "masks", None) is not None:
         over["masks"] = str(Path(args.masks).resolve())  # config.yaml must find it from any folder

@@ -3,6 +3,7 @@ images carry them is moved into east-north-up metres around them (COLMAP's ``mod
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -91,9 +92,12 @@ def test_a_run_with_gps_is_georeferenced_in_enu_metres(gps_scene, tmp_path):
                                    err_msg=im.name)
     assert rec.compute_mean_reprojection_error() < 1.0  # the similarity moved points with the cameras
 
-    # off: the mapper's own frame, the priors still in the database
-    off = reconstruct(images, tmp_path / "off", {"features": "sift", "camera_mode": "single", "georeference": False},
-                      progress=False, report=False)
+    # off (--no-georeference): the mapper's own frame, the priors still in the database
+    from cd_sfm import cli
+
+    assert cli.main(["reconstruct", str(images), str(tmp_path / "off"), "--features", "sift", "--camera-mode",
+                     "single", "--no-georeference", "-q"]) == 0
+    off = json.loads((tmp_path / "off" / "summary.json").read_text())
     assert off["georeference"] is None and off["images_with_gps"] == 8
 
 
