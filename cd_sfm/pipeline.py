@@ -393,8 +393,9 @@ def _measure_rig(rig: str, out_dir: Path, image_dir: Path, conf: Config, progres
     from .colmap import database, mapping
 
     logger.info("Rig poses not in %s: mapping without the rigs first to measure them", rig)
-    first, _ = mapping.main({**conf.mapping.mapping_conf(), "georeference": False}, out_dir / DATABASE, image_dir,
-                            out_dir, progress=progress)
+    # one attempt of the configured mapper: the model only has to place some frames of every rig camera
+    first, _ = mapping.main({**conf.mapping.mapping_conf(), "georeference": False, "fallback": False, "retries": 0},
+                            out_dir / DATABASE, image_dir, out_dir, progress=progress)
     if first is None:
         logger.warning("Rig poses: the first mapping gave no model; mapping without the rigs")
         return None
