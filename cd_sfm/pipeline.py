@@ -607,7 +607,7 @@ def format_summary(s: dict) -> str:
         lat, lon, alt = g["origin"]
         lines.append(f"Georeferenced: east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} "
                      f"images with GPS, median {g['median_error_m']:.2f} m from their GPS positions)")
-    elif g:
+    elif g and not g.get("kept_frame"):
         lines.append(f"Not georeferenced: {g['why']}")
     rig = s.get("rig")
     if rig:

@@ -319,6 +319,8 @@ def _coordinates_fact(s: dict) -> str:
         lat, lon, alt = g["origin"]
         return (f"east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} images with GPS, "
                 f"median {g['median_error_m']:.2f} m from their GPS positions)")
+    if g.get("kept_frame"):
+        return "the earlier model's, which --extend continued (georeferenced if that one was)"
     why = f" (not georeferenced: {g['why']})" if g.get("why") else ""
     return "the mapper's own (arbitrary scale)" + why
 

@@ -14,6 +14,7 @@ from PIL import Image
 from cd_sfm.colmap.georeference import georeference, gps_priors
 from cd_sfm.images import exif_gps, image_info
 from cd_sfm.pipeline import format_summary, reconstruct
+from cd_sfm.report import facts
 from cd_sfm.synthetic import render_scene
 
 ORIGIN = (47.376887, 8.541694, 408.0)  # latitude, longitude, altitude of the made-up survey
@@ -159,3 +160,29 @@ def test_spatial_pairs_in_a_run(gps_scene, tmp_path):
                           progress=False, report=False)
     assert summary["num_pairs"] <= 8 * 3 and summary["num_images_registered"] == 8
     assert summary["georeference"]["georeferenced"]
+
+
+def test_an_extended_model_keeps_its_georeferenced_frame(gps_scene, tmp_path):
+    images, enu, gps = gps_scene
+    some = tmp_path / "images"
+    some.mkdir()
+    names = sorted(gps)
+    for n in names[:6]:
+        shutil.copy2(images / n, some / n)
+    conf = {"features": "sift", "camera_mode": "single"}
+    first = reconstruct(some, tmp_path / "out", conf, progress=False, report=False)
+    assert first["georeference"]["georeferenced"]
+    before = pycolmap.Reconstruction(str(tmp_path / "out" / "sparse" / "0"))
+    for n in names[6:]:
+        shutil.copy2(images / n, some / n)
+    s = reconstruct(some, tmp_path / "out", {**conf, "extend": True}, progress=False, report=False)
+    assert s["extended"] == 6 and s["num_images_registered"] == 8
+    assert not s["georeference"]["georeferenced"] and s["georeference"]["kept_frame"]
+    assert "Not georeferenced" not in format_summary(s)
+    assert dict(facts(s))["coordinates"].startswith("the earlier model's")
+    after = pycolmap.Reconstruction(str(tmp_path / "out" / "sparse" / "0"))
+    by_name = {im.name: im for im in after.images.values()}
+    for i in before.reg_image_ids():  # in ENU metres before, exactly the same poses after
+        im = before.images[i]
+        np.testing.assert_allclose(by_name[im.name].cam_from_world().matrix(), im.cam_from_world().matrix(),
+                                   atol=1e-9)

@@ -461,7 +461,11 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
                         "placed cameras lose their tracks)", _describe(t), t["registered"], t["points"],
                         tried[0]["points"], tried[0]["mapper"], tried[0]["registered"])
     ranked = chosen["models"]
-    georef = _georeference(ranked, database_path, conf)
+    if extended is None:
+        georef = _georeference(ranked, database_path, conf)
+    else:  # an extended model keeps the frame it had (georeferenced or not): its poses stay exactly where they were
+        georef = {"georeferenced": False, "kept_frame": True,
+                  "why": "an extended model keeps the frame of the model it continues (georeferenced if that one was)"}
     if len(tried) > 1:
         logger.info("Mapping attempts: %s -> %s", "; ".join(_describe(t) for t in tried), _describe(chosen))
     attempts = len(tried)
