@@ -36,20 +36,26 @@ def main(
     """
     if overlap < 1:
         raise ValueError(f"overlap must be >= 1, got {overlap}")
-    if rig_prefixes:
-        return save(_rig_frames(names, list(rig_prefixes), overlap, loop), output_path)
-    groups: dict[str, list[str]] = {}
+    # sequences (one, or one per folder) of frames: a frame is one image, or the images of a rig taken together
+    groups: dict[str, dict[str, list[str]]] = {}
     for name in dict.fromkeys(names):
-        key = name.rpartition("/")[0] if per_folder else ""
-        groups.setdefault(key, []).append(name)
+        prefix = next((p for p in rig_prefixes if name.startswith(p)), None)
+        if prefix is not None:
+            group, frame = "", name[len(prefix):]
+        else:
+            group, frame = (name.rpartition("/")[0] if per_folder else ""), name
+        groups.setdefault(group, {}).setdefault(frame, []).append(name)
+    steps = set(range(1, overlap + 1))
+    if quadratic_overlap:
+        steps |= {2**k for k in range(overlap)}
     pairs: list[Pair] = []
-    for key in sorted(groups):
-        seq = sorted(groups[key], key=natural_key)
+    for group in sorted(groups):
+        frames = groups[group]
+        seq = sorted(frames, key=natural_key)
         n = len(seq)
-        steps = set(range(1, overlap + 1))
-        if quadratic_overlap:
-            steps |= {2**k for k in range(overlap)}
         for i in range(n):
+            members = frames[seq[i]]
+            pairs.extend((a, b) for k, a in enumerate(members) for b in members[k + 1:])  # within a rig frame
             for k in sorted(steps):
                 j = i + k
                 if j >= n:
@@ -58,34 +64,8 @@ def main(
                     j -= n
                     if j >= i:
                         continue
-                pairs.append((seq[i], seq[j]))
+                pairs.extend((a, b) for a in members for b in frames[seq[j]])
     pairs = unique_pairs(pairs)
     if not pairs:
         logger.warning("No image pairs: %d image name(s) given", len(names))
     return save(pairs, output_path)
-
-
-def _rig_frames(names: Sequence[str], prefixes: list[str], overlap: int, loop: bool) -> list[Pair]:
-    """Sequential pairs over frames: an image's frame is its name after its rig camera's prefix (an image of no rig
-    camera is a frame of its own); frames in natural order of that key."""
-    frames: dict[str, list[str]] = {}
-    for name in dict.fromkeys(names):
-        prefix = next((p for p in prefixes if name.startswith(p)), "")
-        frames.setdefault(name[len(prefix):] if prefix else name, []).append(name)
-    keys = sorted(frames, key=natural_key)
-    pairs: list[Pair] = []
-    n = len(keys)
-    for i, key in enumerate(keys):
-        members = frames[key]
-        pairs.extend((a, b) for k, a in enumerate(members) for b in members[k + 1:])  # within the frame
-        for step in range(1, overlap + 1):
-            j = i + step
-            if j >= n:
-                if not loop or j - n >= i:
-                    continue
-                j -= n
-            pairs.extend((a, b) for a in members for b in frames[keys[j]])
-    pairs = unique_pairs(pairs)
-    if not pairs:
-        logger.warning("No image pairs: %d image name(s) given", len(names))
-    return pairs
