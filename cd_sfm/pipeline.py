@@ -300,11 +300,11 @@ def _pairs_of(src: str, names: list[str], out_dir: Path, conf: Config, image_dir
 
         return exhaustive.main(names)
     if src == "sequential":
-        from .colmap.database import read_rig_config
+        from .colmap.database import read_rig_config, rig_prefixes
         from .pairs import sequential
 
         rig = conf.database.rig_config
-        prefixes = [c.image_prefix for r in read_rig_config(rig) for c in r.cameras] if rig else ()
+        prefixes = rig_prefixes(read_rig_config(rig)) if rig else ()
         return sequential.main(names, overlap=conf.pairs.overlap, rig_prefixes=prefixes)
     if src == "retrieval":
         from . import globaldesc

@@ -226,6 +226,11 @@ def read_rig_config(path: str | Path) -> list:
     return configs
 
 
+def rig_prefixes(configs: list) -> list[str]:
+    """The ``image_prefix`` of every camera of the rigs, in the configuration's order."""
+    return [cam.image_prefix for c in configs for cam in c.cameras]
+
+
 def rig_poses_known(configs: list) -> bool:
     """Whether every non-reference camera of the rigs has its ``cam_from_rig`` pose in the configuration (else it is
     measured on a model mapped without the rigs first, as COLMAP's two-step recipe does)."""
@@ -334,7 +339,7 @@ def _main(
     conf = _merge_conf(conf)
     configs = read_rig_config(rig_config) if rig_config else None
     if configs:
-        conf["rig_prefixes"] = [cam.image_prefix for c in configs for cam in c.cameras]
+        conf["rig_prefixes"] = rig_prefixes(configs)
     database_path = Path(database_path)
     features_path = Path(features_path)
     image_dir = Path(image_dir) if image_dir is not None else None
