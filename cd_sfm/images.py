@@ -462,34 +462,35 @@ class ImageInfo:
         return f"{self.make or ''}|{self.model or ''}|{self.width}x{self.height}"
 
 
-def _as_float(v) -> float | None:
+def _rational(v) -> float | None:
+    """An EXIF number (a rational as Pillow gives it, or a (numerator, denominator) pair) as a finite float."""
     try:
         f = float(v[0]) / float(v[1]) if isinstance(v, tuple) and len(v) == 2 else float(v)
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    return f if math.isfinite(f) and f > 0 else None
+    return f if math.isfinite(f) else None
+
+
+def _as_float(v) -> float | None:
+    f = _rational(v)
+    return f if f is not None and f > 0 else None
 
 
 def _dms(v) -> float | None:
     """Degrees from EXIF's (degrees, minutes, seconds) rationals."""
     try:
-        d, m, sec = (float(x[0]) / float(x[1]) if isinstance(x, tuple) else float(x) for x in v)
-    except (TypeError, ValueError, ZeroDivisionError):
+        d, m, sec = (_rational(x) for x in v)
+        deg = d + m / 60.0 + sec / 3600.0
+    except (TypeError, ValueError):  # not three numbers
         return None
-    deg = d + m / 60.0 + sec / 3600.0
     return deg if math.isfinite(deg) else None
 
 
 def exif_gps(gps: Mapping) -> tuple[float, float, float] | None:
     """(latitude, longitude, altitude) of an EXIF GPS IFD, as COLMAP's image reader takes them: all three present,
     south and west negative, altitude below sea level (reference 1) negative; None otherwise or out of range."""
-    lat, lon = _dms(gps.get(2)), _dms(gps.get(4))
-    alt = gps.get(6)
-    try:
-        alt = float(alt[0]) / float(alt[1]) if isinstance(alt, tuple) else float(alt)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    if lat is None or lon is None or not math.isfinite(alt) or lat > 90 or lon > 180:
+    lat, lon, alt = _dms(gps.get(2)), _dms(gps.get(4)), _rational(gps.get(6))
+    if lat is None or lon is None or alt is None or lat > 90 or lon > 180:
         return None
 
     def ref(tag) -> str:
