@@ -604,9 +604,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"Not extended ({s['not_extended']}): mapped from scratch")
     g = s.get("georeference")
     if g and g.get("georeferenced"):
-        lat, lon, alt = g["origin"]
-        lines.append(f"Georeferenced: east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} "
-                     f"images with GPS, median {g['median_error_m']:.2f} m from their GPS positions)")
+        from .colmap.georeference import describe
+
+        lines.append(f"Georeferenced: {describe(g)}")
     elif g and not g.get("kept_frame"):
         lines.append(f"Not georeferenced: {g['why']}")
     rig = s.get("rig")

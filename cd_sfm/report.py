@@ -316,9 +316,9 @@ def _coordinates_fact(s: dict) -> str:
     """The frame of sparse/0: the mapper's own, or east-north-up metres around the images' GPS positions."""
     g = s.get("georeference") or {}
     if g.get("georeferenced"):
-        lat, lon, alt = g["origin"]
-        return (f"east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} images with GPS, "
-                f"median {g['median_error_m']:.2f} m from their GPS positions)")
+        from .colmap.georeference import describe
+
+        return describe(g)
     if g.get("kept_frame"):
         return "the earlier model's, which --extend continued (georeferenced if that one was)"
     why = f" (not georeferenced: {g['why']})" if g.get("why") else ""

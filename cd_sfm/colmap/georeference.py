@@ -75,3 +75,10 @@ def georeference(rec, gps: dict[str, tuple[float, float, float]], max_error: flo
             "images": len(names), "inliers": int((err <= max_error).sum()), "median_error_m": float(np.median(err)),
             "scale": float(sim.scale)}
 
+
+def describe(g: dict) -> str:
+    """The frame a :func:`georeference` result put the model in, for people: ``"east-north-up metres around 47.376887,
+    8.541694, 408.0 m (8 images with GPS, median 0.11 m from their GPS positions)"``."""
+    lat, lon, alt = g["origin"]
+    return (f"east-north-up metres around {lat:.6f}, {lon:.6f}, {alt:.1f} m ({g['images']} images with GPS, median "
+            f"{g['median_error_m']:.2f} m from their GPS positions)")

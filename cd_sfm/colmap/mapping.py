@@ -307,7 +307,7 @@ def _choose(tried: list[dict]) -> dict:
 def _georeference(models: list, database_path: Path, conf: dict) -> dict | None:
     """Every model whose images carry enough GPS positions moved into ENU metres (:mod:`.georeference`); returns what
     was done to the largest (None where no image has a position, or ``georeference`` is off)."""
-    from .georeference import georeference, gps_priors
+    from .georeference import describe, georeference, gps_priors
 
     gps = gps_priors(database_path) if conf.get("georeference", True) else {}
     if not gps or not models:
@@ -315,9 +315,7 @@ def _georeference(models: list, database_path: Path, conf: dict) -> dict | None:
     done = [georeference(rec, gps, float(conf.get("gps_max_error") or GPS_MAX_ERROR)) for rec in models]
     g = done[0]
     if g["georeferenced"]:
-        logger.info("Georeferenced: east-north-up metres around latitude %.6f, longitude %.6f, altitude %.1f m (%d "
-                    "images with GPS, median distance to their GPS position %.2f m)", *g["origin"], g["images"],
-                    g["median_error_m"])
+        logger.info("Georeferenced: %s", describe(g))
     else:
         logger.info("Not georeferenced: %s", g["why"])
     return g
