@@ -153,10 +153,10 @@ def _registration_bar(total: int, progress: bool, start: int = 0):
 
 
 def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path, tmp: Path,
-              num_images: int = 0, progress: bool = False, input_model: Path | None = None) -> list:
+              num_images: int = 0, progress: bool = False, input_model: Path | None = None, start: int = 0) -> list:
     """One run of the mapper; returns its models, largest first. ``progress``: a bar of registered images
     (incremental mapper only: the others have no callbacks). ``input_model``: a model for the incremental mapper to
-    continue (COLMAP's ``mapper --input_path``)."""
+    continue (COLMAP's ``mapper --input_path``), with ``start`` images registered (where the bar starts)."""
     import pycolmap
 
     opts = pipeline_options({**conf, "seed": seed})
@@ -166,7 +166,6 @@ def _map_once(conf: dict, seed: int | None, database_path: Path, image_dir: Path
     tmp.mkdir(parents=True)
     try:
         if conf["mapper"] == "incremental":
-            start = pycolmap.Reconstruction(str(input_model)).num_reg_images() if input_model else 0
             bar, on_pair, on_next = _registration_bar(num_images, progress, start)
             with bar:
                 models = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(tmp), opts,
@@ -241,14 +240,14 @@ def _components(nodes, links) -> list[list]:
 
 
 def _attempt(conf: dict, seed: int, database_path: Path, image_dir: Path, tmp: Path, num_images: int = 0,
-             progress: bool = False, input_model: Path | None = None) -> dict:
+             progress: bool = False, input_model: Path | None = None, start: int = 0) -> dict:
     """One mapping run and what judges it: registered images and points of its largest model, after the images that
     observe too few of its points are taken out of every model (:func:`prune_weak_images`), and that model's
     agreement with the verified two-view geometries (:mod:`.consistency`)."""
     from .consistency import agreement
 
     t = time.perf_counter()
-    models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress, input_model)
+    models = _map_once(conf, seed, database_path, image_dir, tmp, num_images, progress, input_model, start)
     min_points = int(conf.get("min_image_points", MIN_IMAGE_POINTS) or 0)
     weak = [prune_weak_images(rec, min_points) for rec in models]
     if any(weak):
@@ -435,7 +434,8 @@ def main(conf: dict | None, database_path: str | Path, image_dir: str | Path, ou
         c = {**conf, "mapper": "incremental", "options": {"fix_existing_frames": True, **options}}
         logger.info("Mapping: extending %s (%d images, their poses kept)", extend, extended)
         try:
-            tried.append(_attempt(c, seed, database_path, image_dir, tmp, num_images, progress, Path(extend)))
+            tried.append(_attempt(c, seed, database_path, image_dir, tmp, num_images, progress, Path(extend),
+                                  extended))
             plan = []
         except Exception as e:  # noqa: BLE001 - pycolmap's loader raises on a model that does not fit the database
             logger.warning("Mapping: %s could not be extended (%s); mapping from scratch", extend, e)
